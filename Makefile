@@ -1,0 +1,41 @@
+# Two entry points for a fresh machine with Python 3.11: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# torch is installed first and pinned, so pip never resolves a multi-GB CUDA build on a CPU box.
+TORCH  := torch==2.13.0
+
+.PHONY: install install-test demo test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+## demo: install, prepare the bundled Shakespeare, train ~3 minutes on the CPU, print samples
+demo: install
+	$(BIN)/gptstack train --config configs/demo.yaml --resume false
+	$(BIN)/gptstack generate --checkpoint runs/demo/best --prompt "ROMEO:" --max-new-tokens 120 --seed 1 --temperature 0.8
+	$(BIN)/gptstack generate --checkpoint runs/demo/best --prompt "First Citizen:" --max-new-tokens 120 --seed 2 --temperature 0.8
+
+## test: install with test extras and run the whole suite
+test: install-test
+	$(BIN)/python -m pytest -q
+
+## bench: training throughput table (see docs/benchmarks.md)
+bench: install-test
+	$(BIN)/python bench/train_throughput.py
+
+clean:
+	rm -rf $(VENV) runs

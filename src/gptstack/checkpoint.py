@@ -1,0 +1,188 @@
+"""Checkpoint directories: the unit that train, finetune, eval, export, generate and serve exchange.
+
+Layout (format_version 1)::
+
+    DIR/config.json          {"format_version", "model": ModelConfig, "tokenizer": spec, "meta": {...}}
+    DIR/model.safetensors    weights (the LM head is tied to transformer.wte and not stored twice)
+    DIR/tokenizer.json       only for Hugging Face tokenizers
+    DIR/train_state.safetensors + DIR/train_state.json   optional: optimizer, RNG, step, data position
+    DIR/checksums.json       SHA-256 of every file above, verified on load
+
+Weights and state are safetensors plus JSON, never pickle. A checkpoint is written to a temporary
+sibling directory, flushed, then renamed into place, so a crash leaves the previous one intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .files import fsync_path, sha256_file
+from .config import ConfigError, ModelConfig, from_dict
+from .model import GPT
+from .tokenizer import Tokenizer, load_tokenizer
+
+FORMAT_VERSION = 1
+TIED_KEYS = ("lm_head.weight",)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupted or of an unknown format; the message says how to proceed."""
+
+
+def save_checkpoint(directory: str | Path, model: GPT, tokenizer: Tokenizer, meta: dict | None = None,
+                    train_state: dict | None = None, extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write a checkpoint atomically. ``train_state`` is any nested dict of tensors and JSON values
+    (optimizer state dicts, RNG states, counters); ``extra_tensors`` are stored beside the weights
+    (e.g. a classification head)."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items() if k not in TIED_KEYS}
+        state.update({k: v.detach().contiguous().cpu() for k, v in (extra_tensors or {}).items()})
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        config = {"format_version": FORMAT_VERSION, "model": _asdict(unwrap(model).config),
+                  "tokenizer": tokenizer.save(tmp), "meta": meta or {}}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        if train_state is not None:
+            tensors, skeleton = split_tensors(train_state)
+            save_file(tensors, tmp / "train_state.safetensors")
+            (tmp / "train_state.json").write_text(json.dumps(skeleton))
+        checksums = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+        (tmp / "checksums.json").write_text(json.dumps(checksums, indent=2))
+        for p in tmp.iterdir():
+            fsync_path(p)
+        _replace_dir(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    old = target.with_name(f".{target.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+    fsync_path(target.parent)
+
+
+def unwrap(model: torch.nn.Module) -> GPT:
+    """The GPT inside DDP / torch.compile wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def _asdict(cfg: ModelConfig) -> dict:
+    from dataclasses import asdict
+    return asdict(cfg)
+
+
+def verify(directory: str | Path) -> dict:
+    """Check the directory is a checkpoint and every file matches its checksum; return config.json."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        old = directory.with_name(f".{directory.name}.old")
+        hint = f" (a previous save was interrupted: {old} holds the last good copy)" if old.is_dir() else ""
+        raise CheckpointError(f"checkpoint {directory} does not exist{hint}")
+    sums_file = directory / "checksums.json"
+    if not sums_file.exists():
+        raise CheckpointError(f"{directory} is not a gptstack checkpoint (no checksums.json); "
+                              "for a Hugging Face model directory use `gptstack import` first")
+    try:
+        checksums = json.loads(sums_file.read_text())
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{sums_file} is corrupted; restore the checkpoint from a copy") from None
+    for name, expected in checksums.items():
+        path = directory / name
+        if not path.exists():
+            raise CheckpointError(f"checkpoint {directory} is missing {name}; restore it from a copy")
+        if sha256_file(path) != expected:
+            raise CheckpointError(f"{path} is corrupted or truncated (SHA-256 mismatch); "
+                                  "restore it from a copy or use another checkpoint (e.g. best/ or last/)")
+    config = json.loads((directory / "config.json").read_text())
+    if config.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{directory} has checkpoint format {config.get('format_version')}, "
+                              f"this gptstack reads format {FORMAT_VERSION}")
+    return config
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None) -> tuple[GPT, Tokenizer, dict]:
+    """Model (in eval mode), tokenizer and config.json of a checkpoint."""
+    directory = Path(directory)
+    config = verify(directory)
+    try:
+        model_cfg = from_dict(ModelConfig, config["model"]).validate()
+    except ConfigError as exc:
+        raise CheckpointError(f"{directory}/config.json has an invalid model config: {exc}") from None
+    with torch.device("meta"):
+        model = GPT(model_cfg)
+    state = load_weights(directory)
+    own = {k for k in model.state_dict() if k not in TIED_KEYS}
+    missing = own - set(state)
+    if missing:
+        raise CheckpointError(f"{directory}/model.safetensors lacks {sorted(missing)[:5]}...; it does not match its config")
+    model.load_state_dict({k: state[k] for k in own}, strict=False, assign=True)
+    model.lm_head.weight = model.transformer.wte.weight
+    model.to(device=device, dtype=dtype)
+    tokenizer = load_tokenizer(config["tokenizer"], base_dir=directory)
+    return model.eval(), tokenizer, config
+
+
+def load_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(Path(directory) / "model.safetensors")
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"cannot read {directory}/model.safetensors: {exc}") from None
+
+
+def load_train_state(directory: str | Path) -> dict | None:
+    directory = Path(directory)
+    if not (directory / "train_state.json").exists():
+        return None
+    skeleton = json.loads((directory / "train_state.json").read_text())
+    return join_tensors(load_file(directory / "train_state.safetensors"), skeleton)
+
+
+def split_tensors(obj: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
+    """Separate the tensors of a nested structure (for safetensors) from the rest (for JSON)."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(value: Any, path: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            tensors[path] = value.detach().contiguous().cpu()
+            return {"__tensor__": path}
+        if isinstance(value, dict):
+            return {"__dict__": [[walk(k, f"{path}.k{i}"), walk(v, f"{path}.{i}")] for i, (k, v) in enumerate(value.items())]}
+        if isinstance(value, (list, tuple)):
+            return {"__tuple__" if isinstance(value, tuple) else "__list__": [walk(v, f"{path}.{i}") for i, v in enumerate(value)]}
+        return value
+
+    return tensors, walk(obj, prefix or "state")
+
+
+def join_tensors(tensors: dict[str, torch.Tensor], skeleton: Any) -> Any:
+    if isinstance(skeleton, dict):
+        if "__tensor__" in skeleton:
+            return tensors[skeleton["__tensor__"]]
+        if "__dict__" in skeleton:
+            return {join_tensors(tensors, k): join_tensors(tensors, v) for k, v in skeleton["__dict__"]}
+        if "__tuple__" in skeleton:
+            return tuple(join_tensors(tensors, v) for v in skeleton["__tuple__"])
+        if "__list__" in skeleton:
+            return [join_tensors(tensors, v) for v in skeleton["__list__"]]
+    return skeleton

@@ -1,0 +1,182 @@
+"""The GPT itself, as in GPT-2 / GPT-3, readable top to bottom.
+
+token + learned position embeddings -> n_layer pre-LayerNorm blocks (causal self-attention, GELU
+MLP) -> final LayerNorm -> LM head tied to the token embedding.
+
+One forward path serves training, prefill and decode: ``forward(idx, targets, cache, positions)``.
+With a :class:`KVCache`, keys and values are written at each token's absolute position, so rows of
+a batch may sit at different positions (what continuous batching needs) while the tensors keep
+static shapes. This module knows nothing of training or serving.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .loss import linear_cross_entropy
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys and values for every layer: [n_layer, batch, n_head, max_len, head_dim]."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @classmethod
+    def allocate(cls, cfg: ModelConfig, batch_size: int, max_len: int | None = None,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "KVCache":
+        shape = (cfg.n_layer, batch_size, cfg.n_head, max_len or cfg.block_size, cfg.head_dim)
+        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+
+def attention_mask(q_pos: torch.Tensor, k_len: int, band_width: int | None) -> torch.Tensor:
+    """Boolean [B, 1, Tq, k_len] mask: a query at position p sees keys at positions <= p
+    (and > p - band_width in a locally banded layer)."""
+    k_pos = torch.arange(k_len, device=q_pos.device)
+    q = q_pos[:, None, :, None]
+    allowed = k_pos <= q
+    if band_width is not None:
+        allowed = allowed & (k_pos > q - band_width)
+    return allowed
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.layer = layer
+        self.band_width = cfg.band_width if cfg.layer_is_banded(layer) else None
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)   # q, k, v for all heads at once
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.attn_pdrop = cfg.attn_pdrop
+        self.resid_dropout = nn.Dropout(cfg.resid_pdrop)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        dropout = self.attn_pdrop if self.training else 0.0
+
+        if cache is None:
+            if self.band_width is None or self.band_width >= T:
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+            else:
+                mask = attention_mask(torch.arange(T, device=x.device)[None], T, self.band_width)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        else:
+            # Write this step's keys/values at their absolute positions, then attend over the
+            # cache up to the furthest position in the batch (rows mask out what is not theirs).
+            k_cache, v_cache = cache.k[self.layer], cache.v[self.layer]
+            rows = torch.arange(B, device=x.device)[:, None]
+            k_cache.transpose(1, 2)[rows, positions] = k.transpose(1, 2).to(k_cache.dtype)
+            v_cache.transpose(1, 2)[rows, positions] = v.transpose(1, 2).to(v_cache.dtype)
+            k_len = int(positions.max()) + 1
+            mask = attention_mask(positions, k_len, self.band_width)
+            y = F.scaled_dot_product_attention(q, k_cache[:, :, :k_len].to(q.dtype), v_cache[:, :, :k_len].to(q.dtype),
+                                               attn_mask=mask, dropout_p=dropout)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.gelu = nn.GELU(approximate="tanh" if cfg.activation == "gelu" else "none")
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        self.dropout = nn.Dropout(cfg.resid_pdrop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
+        self.attn = CausalSelfAttention(cfg, layer)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), positions, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg.validate()
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+            drop=nn.Dropout(cfg.embd_pdrop),
+            h=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)),
+            ln_f=nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps),
+        ))
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight   # tied embeddings
+        self.activation_checkpointing = False
+        self.apply(self._init_weights)
+        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer) (two residual adds per block).
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())   # tied weights counted once
+
+    def hidden_states(self, idx: torch.Tensor, positions: torch.Tensor | None = None,
+                      cache: KVCache | None = None) -> torch.Tensor:
+        """Final-LayerNorm hidden states [B, T, n_embd]; heads (LM, classifier) sit on top."""
+        B, T = idx.shape
+        if positions is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens exceeds the context of {self.config.block_size}")
+            positions = torch.arange(T, device=idx.device).expand(B, T)
+        elif cache is not None and int(positions.max()) >= cache.max_len:
+            raise ValueError(f"position {int(positions.max())} is past the KV cache length {cache.max_len}")
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
+        for block in self.transformer.h:
+            if self.activation_checkpointing and self.training and cache is None:
+                x = torch.utils.checkpoint.checkpoint(block, x, positions, None, use_reentrant=False)
+            else:
+                x = block(x, positions, cache)
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                positions: torch.Tensor | None = None, label_smoothing: float = 0.0,
+                last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits, or with ``targets`` the mean cross-entropy instead (-100 targets are ignored).
+
+        The loss is fused with the LM head (see loss.py), so no logits come back with it.
+
+        ``positions`` [B, T] are absolute positions, needed with a cache; ``last_only`` returns
+        logits for the last position only, which is all that decoding needs.
+        """
+        h = self.hidden_states(idx, positions, cache)
+        if targets is None:
+            return self.lm_head(h[:, -1:] if last_only else h), None
+        return None, linear_cross_entropy(h, self.lm_head.weight, targets, label_smoothing)

@@ -1,0 +1,45 @@
+"""Optimizer and schedules: AdamW with decay on matrices only, warmup + decay, batch ramp-up."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import TrainConfig
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW where weight decay touches only 2-D weights (matmuls and embeddings), as in GPT-3;
+    biases and LayerNorm gains are not decayed. Uses the fused kernel where this torch has one."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay if cfg.optimizer == "adamw" else 0.0},
+              {"params": no_decay, "weight_decay": 0.0}]
+    fused = device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
+
+
+def learning_rate(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Linear warmup to ``learning_rate``, then cosine/linear decay to ``min_lr_ratio`` of it."""
+    peak, floor = cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio
+    if step < cfg.warmup_steps:
+        return peak * (step + 1) / cfg.warmup_steps
+    if cfg.lr_decay == "constant":
+        return peak
+    decay_end = cfg.lr_decay_steps or total_steps
+    if step >= decay_end:
+        return floor
+    progress = (step - cfg.warmup_steps) / max(1, decay_end - cfg.warmup_steps)
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.lr_decay == "cosine" else 1 - progress
+    return floor + (peak - floor) * shape
+
+
+def micro_batches(step: int, cfg: TrainConfig) -> int:
+    """Micro-batches accumulated at ``step``: GPT-3's batch ramp-up grows the batch linearly from
+    ``batch_rampup_start`` to ``grad_accum_steps`` micro-batches over ``batch_rampup_steps``."""
+    if cfg.batch_rampup_steps == 0 or step >= cfg.batch_rampup_steps:
+        return cfg.grad_accum_steps
+    start = min(cfg.batch_rampup_start, cfg.grad_accum_steps)
+    return start + (cfg.grad_accum_steps - start) * step // cfg.batch_rampup_steps

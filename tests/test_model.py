@@ -1,0 +1,115 @@
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gptstack.config import preset
+from gptstack.loss import linear_cross_entropy
+from gptstack.model import GPT, KVCache, attention_mask
+
+
+def tiny(**changes):
+    return dataclasses.replace(preset("tiny").model, **changes)
+
+
+@pytest.mark.parametrize("attention", ["dense", "alternating_banded"])
+def test_kv_cache_decode_equals_full_forward(attention):
+    torch.manual_seed(0)
+    cfg = tiny(attention=attention, band_width=6, n_layer=4)
+    model = GPT(cfg).eval()
+    idx = torch.randint(0, cfg.vocab_size, (3, 30))
+    full, _ = model(idx)
+    cache = KVCache.allocate(cfg, 3)
+    pieces = [model(idx[:, :11], cache=cache, positions=torch.arange(11).expand(3, 11))[0]]
+    for t in range(11, 30):
+        pieces.append(model(idx[:, t:t + 1], cache=cache, positions=torch.full((3, 1), t))[0])
+    assert torch.allclose(torch.cat(pieces, 1), full, atol=1e-5)
+
+
+def test_rows_at_different_positions_share_one_cache():
+    """Continuous batching: each row of the cache advances on its own."""
+    torch.manual_seed(0)
+    cfg = tiny()
+    model = GPT(cfg).eval()
+    a, b = torch.randint(0, cfg.vocab_size, (1, 9)), torch.randint(0, cfg.vocab_size, (1, 4))
+    ref_a, _ = model(a)
+    ref_b, _ = model(b)
+    cache = KVCache.allocate(cfg, 2)
+    model(a[:, :8], cache=KVCache(cache.k[:, :1], cache.v[:, :1]), positions=torch.arange(8)[None])
+    model(b[:, :3], cache=KVCache(cache.k[:, 1:], cache.v[:, 1:]), positions=torch.arange(3)[None])
+    step, _ = model(torch.stack([a[0, 8:9], b[0, 3:4]]), cache=cache, positions=torch.tensor([[8], [3]]))
+    assert torch.allclose(step[0, 0], ref_a[0, -1], atol=1e-5)
+    assert torch.allclose(step[1, 0], ref_b[0, -1], atol=1e-5)
+
+
+def test_causality_future_tokens_do_not_change_the_past():
+    torch.manual_seed(0)
+    model = GPT(tiny()).eval()
+    idx = torch.randint(0, 50257, (1, 20))
+    changed = idx.clone()
+    changed[0, 15:] = 7
+    assert torch.allclose(model(idx)[0][:, :15], model(changed)[0][:, :15], atol=1e-6)
+    assert not torch.allclose(model(idx)[0][:, 15:], model(changed)[0][:, 15:])
+
+
+def test_banded_layer_sees_only_its_window():
+    mask = attention_mask(torch.arange(6)[None], 6, band_width=3)[0, 0]
+    expected = torch.tensor([[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0],
+                             [0, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 0], [0, 0, 0, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(mask, expected)
+    torch.manual_seed(0)
+    cfg = tiny(attention="alternating_banded", band_width=4)
+    model = GPT(cfg).eval()
+    assert [b.attn.band_width for b in model.transformer.h] == [None, 4]   # dense, banded, as in GPT-3
+    attn = model.transformer.h[1].attn
+    x = torch.randn(1, 12, cfg.n_embd)
+    moved = x.clone()
+    moved[0, :5] += 1.0                 # outside the window of positions >= 8
+    y, y_moved = attn(x, None, None), attn(moved, None, None)
+    assert torch.allclose(y[0, 8:], y_moved[0, 8:], atol=1e-6)
+    assert not torch.allclose(y[0, 5:8], y_moved[0, 5:8])
+
+
+def test_gpt2_initialisation_and_tied_head():
+    torch.manual_seed(0)
+    cfg = preset("cpu-small").model
+    model = GPT(cfg)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert model.transformer.wte.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    proj = model.transformer.h[0].attn.c_proj.weight
+    assert proj.std().item() == pytest.approx(0.02 / math.sqrt(2 * cfg.n_layer), rel=0.05)
+    assert model.transformer.h[0].mlp.c_fc.bias.abs().sum().item() == 0
+    assert model.transformer.h[0].mlp.gelu.approximate == "tanh"
+
+
+def test_model_loss_equals_reference_cross_entropy():
+    torch.manual_seed(0)
+    model = GPT(tiny())
+    idx = torch.randint(0, 50257, (2, 16))
+    logits, _ = model(idx)
+    _, loss = model(idx, idx)
+    assert torch.allclose(loss, F.cross_entropy(logits.view(-1, 50257), idx.view(-1)), atol=1e-5)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_fused_cross_entropy_values_and_gradients(smoothing):
+    torch.manual_seed(0)
+    h = torch.randn(700, 24, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(300, 24, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 300, (700,))
+    t[::5] = -100
+    ref = F.cross_entropy(h @ w.T, t, label_smoothing=smoothing)
+    ref_grads = torch.autograd.grad(ref * 2, (h, w))
+    out = linear_cross_entropy(h, w, t, smoothing)
+    grads = torch.autograd.grad(out * 2, (h, w))
+    assert torch.allclose(out, ref, atol=1e-10)
+    for g, r in zip(grads, ref_grads):
+        assert torch.allclose(g, r, atol=1e-10)
+
+
+def test_too_long_sequence_is_refused():
+    model = GPT(tiny())
+    with pytest.raises(ValueError, match="exceeds the context"):
+        model(torch.zeros(1, 65, dtype=torch.long))
