@@ -67,14 +67,16 @@ class ModelConfig:
 # --- Presets ------------------------------------------------------------------------------------
 # GPT-3 paper (Brown et al. 2020), Table 2.1: n_layers, d_model, n_heads, d_head, batch size in
 # tokens and learning rate; every GPT-3 model has a 2048-token context and alternates dense and
-# locally banded sparse attention. The paper prints d_model = 5140 for 13B, which is not
-# n_heads * d_head (40 * 128 = 5120); 5120 is used here.
+# locally banded sparse attention. Two rows of the table do not add up, and are read so that
+# d_model = n_heads * d_head holds with the printed d_head and parameter count: XL prints 24 heads,
+# which do not divide d_model 2048, so 16 heads of 128 are used; 13B prints d_model 5140, which is
+# not 40 * 128, so 5120 is used.
 GPT3_TABLE = {
     #  name          n_layer d_model n_heads lr       batch (tokens)
     "gpt3-small":   (12,  768,   12,  6.0e-4, 500_000),
     "gpt3-medium":  (24,  1024,  16,  3.0e-4, 500_000),
     "gpt3-large":   (24,  1536,  16,  2.5e-4, 500_000),
-    "gpt3-xl":      (24,  2048,  24,  2.0e-4, 1_000_000),
+    "gpt3-xl":      (24,  2048,  16,  2.0e-4, 1_000_000),
     "gpt3-2.7b":    (32,  2560,  32,  1.6e-4, 1_000_000),
     "gpt3-6.7b":    (32,  4096,  32,  1.2e-4, 2_000_000),
     "gpt3-13b":     (40,  5120,  40,  1.0e-4, 2_000_000),

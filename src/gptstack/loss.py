@@ -21,16 +21,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         valid = targets != -100
         n_valid = valid.sum().clamp(min=1)
         w = weight.to(compute_dtype)
+        acc = torch.promote_types(compute_dtype, torch.float32)   # softmax and sums: fp32 at least
         if need_grad:
             grad_hidden = torch.empty_like(hidden)
-            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        loss = torch.zeros((), dtype=acc, device=hidden.device)
         vocab = weight.shape[0]
         for start in range(0, rows, CHUNK_ROWS):
             h = hidden[start:start + CHUNK_ROWS].to(compute_dtype)
             t = targets[start:start + CHUNK_ROWS]
             ok = valid[start:start + CHUNK_ROWS]
-            logits = (h @ w.T).float()
+            logits = (h @ w.T).to(acc)
             safe_t = t.clamp(min=0)[:, None]
             target_logit = logits.gather(1, safe_t).squeeze(1)
             mean_logit = logits.mean(dim=-1) if label_smoothing > 0 else None
@@ -50,10 +51,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if label_smoothing > 0:
                 grad.sub_(label_smoothing / vocab)
             grad.scatter_add_(1, safe_t, torch.full_like(sum_exp, -(1 - label_smoothing)))
-            grad.mul_((ok.float() / n_valid)[:, None])
+            grad.mul_((ok.to(acc) / n_valid)[:, None])
             grad = grad.to(compute_dtype)
             grad_hidden[start:start + CHUNK_ROWS] = (grad @ w).to(hidden.dtype)
-            grad_weight += (grad.T @ h).float()
+            grad_weight += (grad.T @ h).to(acc)
         if need_grad:
             ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return loss / n_valid
