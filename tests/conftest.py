@@ -49,3 +49,60 @@ def run_cli(*args: str, timeout: float = 300, env: dict | None = None, check: bo
     if check and proc.returncode != 0:
         raise AssertionError(f"gptstack {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A real `gptstack serve` process on a free local port."""
+
+    def __init__(self, checkpoint: Path, *args: str, key: str = "test-key", scheme: str = "http"):
+        import httpx
+        self.port, self.key = free_port(), key
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
+        self.log = open(Path(checkpoint).parent / f"serve-{self.port}.log", "w+")
+        self.proc = subprocess.Popen([sys.executable, "-m", "gptstack.cli", "serve", "--checkpoint", str(checkpoint),
+                                      "--port", str(self.port), "--api-key", key, "--model-name", "tiny", *args],
+                                     stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        import time
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.output()}")
+            try:
+                if httpx.get(self.url + "/ready", timeout=1, verify=False).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"server did not become ready: {self.output()}")
+
+    @property
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.key}"}
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def server(tiny_checkpoint):
+    s = Server(tiny_checkpoint, "--max-batch-size", "8")
+    yield s
+    s.stop()

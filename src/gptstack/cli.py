@@ -118,6 +118,12 @@ def cmd_import(args) -> None:
     print(f"wrote {import_hf(args.hf_dir, args.out)}")
 
 
+def cmd_serve(args) -> None:
+    from .serve.run import ServeOptions, serve
+    options = ServeOptions(**{k: v for k, v in vars(args).items() if k in ServeOptions.__dataclass_fields__})
+    serve(options)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptstack", description="Train, tune, evaluate and serve GPT models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -170,11 +176,37 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import", help="read a Hugging Face GPT-2 directory into a gptstack checkpoint")
     p.add_argument("hf_dir")
     p.add_argument("--out", required=True)
+
+    p = sub.add_parser("serve", help="serve a checkpoint behind an OpenAI-compatible HTTP API")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", default="", help="the model id clients send (default: the checkpoint folder name)")
+    p.add_argument("--api-key", dest="api_keys", action="append", default=[], help="an accepted key (repeatable)")
+    p.add_argument("--api-keys-file", help="a file with one accepted key per line")
+    p.add_argument("--insecure-no-auth", action="store_true", help="accept requests without a key (not for exposed hosts)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "auto"], help="weight dtype")
+    p.add_argument("--quantize", default="none", choices=["none", "int8"], help="int8 weight-only quantization")
+    p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch before 503")
+    p.add_argument("--max-seq-len", type=int, default=0, help="KV cache length per request (0 = model context)")
+    p.add_argument("--kv-cache-memory", type=int, default=0, help="KV cache budget in bytes (0 = by batch size)")
+    p.add_argument("--requests-per-minute", type=int, default=0, help="per API key; 0 = unlimited")
+    p.add_argument("--tokens-per-minute", type=int, default=0, help="per API key (prompt + max_tokens); 0 = unlimited")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--metrics-public", action="store_true", help="serve /metrics without a key")
+    p.add_argument("--log-prompts", action="store_true", help="write prompt text to the log (off by default)")
+    p.add_argument("--chat-template", help="a file with a Jinja chat template (default: 'Role: content' lines)")
+    p.add_argument("--ssl-certfile")
+    p.add_argument("--ssl-keyfile")
+    p.add_argument("--graceful-shutdown-seconds", type=float, default=30.0)
     return parser
 
 
 COMMANDS = {"tokenize": cmd_tokenize, "train-tokenizer": cmd_train_tokenizer, "model-info": cmd_model_info,
-            "prepare": cmd_prepare, "generate": cmd_generate, "export": cmd_export, "import": cmd_import}
+            "prepare": cmd_prepare, "generate": cmd_generate, "export": cmd_export, "import": cmd_import,
+            "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,10 +24,15 @@ from .loss import linear_cross_entropy
 
 @dataclass
 class KVCache:
-    """Preallocated keys and values for every layer: [n_layer, batch, n_head, max_len, head_dim]."""
+    """Preallocated keys and values for every layer: [n_layer, slots, n_head, max_len, head_dim].
+
+    ``rows`` maps the batch rows of a forward call to cache slots (None: row i is slot i), so an
+    engine can run any subset of its slots without moving cache memory around.
+    """
 
     k: torch.Tensor
     v: torch.Tensor
+    rows: torch.Tensor | None = None
 
     @classmethod
     def allocate(cls, cfg: ModelConfig, batch_size: int, max_len: int | None = None,
@@ -38,6 +43,21 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return self.k.shape[3]
+
+    def select(self, rows: torch.Tensor) -> "KVCache":
+        return KVCache(self.k, self.v, rows)
+
+    def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               k_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, H, T, D] at ``positions`` [B, T]; return each row's keys and values for
+        positions [0, k_len)."""
+        k_cache, v_cache = self.k[layer], self.v[layer]
+        rows = self.rows if self.rows is not None else torch.arange(k.shape[0], device=k.device)
+        k_cache.transpose(1, 2)[rows[:, None], positions] = k.transpose(1, 2).to(k_cache.dtype)
+        v_cache.transpose(1, 2)[rows[:, None], positions] = v.transpose(1, 2).to(v_cache.dtype)
+        if self.rows is None:
+            return k_cache[:k.shape[0], :, :k_len], v_cache[:k.shape[0], :, :k_len]
+        return k_cache[self.rows, :, :k_len], v_cache[self.rows, :, :k_len]
 
 
 def attention_mask(q_pos: torch.Tensor, k_len: int, band_width: int | None) -> torch.Tensor:
@@ -77,14 +97,10 @@ class CausalSelfAttention(nn.Module):
         else:
             # Write this step's keys/values at their absolute positions, then attend over the
             # cache up to the furthest position in the batch (rows mask out what is not theirs).
-            k_cache, v_cache = cache.k[self.layer], cache.v[self.layer]
-            rows = torch.arange(B, device=x.device)[:, None]
-            k_cache.transpose(1, 2)[rows, positions] = k.transpose(1, 2).to(k_cache.dtype)
-            v_cache.transpose(1, 2)[rows, positions] = v.transpose(1, 2).to(v_cache.dtype)
             k_len = int(positions.max()) + 1
+            keys, values = cache.update(self.layer, positions, k, v, k_len)
             mask = attention_mask(positions, k_len, self.band_width)
-            y = F.scaled_dot_product_attention(q, k_cache[:, :, :k_len].to(q.dtype), v_cache[:, :, :k_len].to(q.dtype),
-                                               attn_mask=mask, dropout_p=dropout)
+            y = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, dropout_p=dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 

@@ -1,4 +1,10 @@
-"""Choosing the next token from logits, for a whole batch at once with per-row settings."""
+"""Choosing the next token from logits, for a whole batch at once with per-row settings.
+
+Order of operations per row (as in vLLM / Hugging Face): penalties on the raw logits, then
+temperature, then top-k, top-p and min-p filtering, then a draw. Draws use each request's own
+generator through the exponential race (argmax p / E, E ~ Exp(1)), which is a multinomial draw
+whose randomness belongs to the row: a seeded request gives the same text alone or in any batch.
+"""
 
 from __future__ import annotations
 
@@ -10,30 +16,54 @@ import torch
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 128
-    temperature: float = 1.0      # 0 = greedy
-    top_k: int = 0                # 0 = off
-    top_p: float = 1.0            # 1 = off
+    temperature: float = 1.0          # 0 = greedy
+    top_k: int = 0                    # 0 = off
+    top_p: float = 1.0                # 1 = off
+    min_p: float = 0.0                # drop tokens below min_p * p(most likely); 0 = off
+    presence_penalty: float = 0.0     # OpenAI: subtract once from every token already generated
+    frequency_penalty: float = 0.0    # OpenAI: subtract per occurrence in the generated text
+    repetition_penalty: float = 1.0   # CTRL / HF: divide (>0) or multiply (<0) logits of seen tokens
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None       # also return this many top alternatives per token (0 = chosen only)
 
     def validate(self) -> "SamplingParams":
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        checks = [
+            (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
+            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
+            (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
+            (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
+            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
         return self
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+
+def apply_penalties(logits: torch.Tensor, output_counts: torch.Tensor, seen: torch.Tensor,
+                    presence: torch.Tensor, frequency: torch.Tensor, repetition: torch.Tensor) -> torch.Tensor:
+    """logits [B, V]; output_counts [B, V] (generated tokens); seen [B, V] bool (prompt + output)."""
+    rep = repetition[:, None]
+    logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    return logits - frequency[:, None] * output_counts - presence[:, None] * (output_counts > 0)
 
 
 def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                  top_p: torch.Tensor) -> torch.Tensor:
-    """Scaled logits with everything outside each row's top-k / top-p (nucleus) set to -inf.
+                  top_p: torch.Tensor, min_p: torch.Tensor | None = None) -> torch.Tensor:
+    """Scaled logits with everything outside each row's top-k / top-p / min-p set to -inf.
 
-    logits [B, V]; temperature, top_p [B] float; top_k [B] long (0 = off).
+    logits [B, V]; temperature, top_p, min_p [B] float; top_k [B] long (0 = off).
     """
     logits = logits.float() / temperature.clamp(min=1e-6)[:, None]
     sorted_logits, order = logits.sort(dim=-1, descending=True)
@@ -43,17 +73,27 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     probs = sorted_logits.softmax(dim=-1)
     # drop a token when the tokens ranked above it already hold top_p of the mass
     drop |= (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
+    if min_p is not None:
+        drop |= probs < min_p[:, None] * probs[:, :1]
     drop[:, 0] = False
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token per row [B]; rows with temperature 0 take the argmax."""
+           generators: list[torch.Generator] | torch.Generator | None = None,
+           min_p: torch.Tensor | None = None) -> torch.Tensor:
+    """Next token per row [B]; rows with temperature 0 take the argmax.
+
+    ``generators`` is one generator per row (or one for all rows, or None for the global one).
+    """
     greedy = logits.argmax(dim=-1)
     if bool((temperature <= 0).all()):
         return greedy
-    probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
-    drawn = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    probs = filter_logits(logits, temperature, top_k, top_p, min_p).softmax(dim=-1)
+    if not isinstance(generators, (list, tuple)):
+        generators = [generators] * logits.shape[0]
+    races = torch.stack([torch.empty(logits.shape[-1], device=logits.device).exponential_(generator=g)
+                         for g in generators])
+    drawn = (probs / races).argmax(dim=-1)
     return torch.where(temperature <= 0, greedy, drawn)

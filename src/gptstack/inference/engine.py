@@ -1,0 +1,379 @@
+"""The inference engine: many requests at once with continuous batching. No HTTP in here.
+
+One background thread owns the model and a preallocated KV cache of ``max_batch_size`` slots.
+Each iteration of its loop:
+
+1. admits waiting requests into free slots (the waiting queue is bounded: ``submit`` refuses at
+   once when it is full, so callers can answer 429/503 instead of waiting forever);
+2. frees the slots of cancelled requests;
+3. runs one chunk (``prefill_chunk`` tokens) of one request's prompt, so a long prompt is spread
+   over several iterations instead of stalling everyone's decoding;
+4. runs one decode step for every request past its prompt, as one batch.
+
+Requests join and leave the batch between iterations. Outputs go to a per-request
+:class:`RequestHandle`, iterable from threads (``for event in handle``) and from asyncio
+(``async for event in handle``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from ..model import GPT, KVCache
+from ..tokenizer import IncrementalDecoder, Tokenizer
+from .generate import StopMatcher
+from .sampling import SamplingParams, apply_penalties, sample
+
+
+class QueueFull(RuntimeError):
+    """The engine's waiting queue is at its bound; try again later."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine is shutting down and takes no new requests."""
+
+
+@dataclass
+class EngineConfig:
+    max_batch_size: int = 8            # requests decoded together (KV cache slots)
+    max_seq_len: int = 0               # cache length per slot; 0 = the model's context
+    max_queue: int = 64                # requests waiting for a slot before submit() refuses
+    prefill_chunk: int = 256           # prompt tokens per prefill forward
+    kv_cache_memory: int = 0           # bytes for the KV cache; 0 = size it by max_batch_size
+
+    def validate(self) -> "EngineConfig":
+        for name in ("max_batch_size", "max_queue", "prefill_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        return self
+
+
+@dataclass
+class TokenEvent:
+    """One step of a request's output. ``text`` may be empty while bytes of a character or a
+    possible stop string are held back; the last event has a ``finish_reason``."""
+
+    text: str
+    token_id: int | None = None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None      # "stop" | "length" | "cancelled"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    logprobs: list[float] = field(default_factory=list)
+
+
+class RequestHandle:
+    """The consumer's side of a request: iterate over its events, or cancel it."""
+
+    def __init__(self, request_id: int, loop: asyncio.AbstractEventLoop | None):
+        self.id = request_id
+        self._events: collections.deque[TokenEvent] = collections.deque()
+        self._cond = threading.Condition()
+        self._loop = loop
+        self._ready = asyncio.Event() if loop is not None else None
+        self.cancelled = False
+        self.finished = False
+        self.submitted_at = time.perf_counter()
+
+    def cancel(self) -> None:
+        """Stop generating; the slot and its cache are freed at the engine's next step."""
+        self.cancelled = True
+
+    def _push(self, event: TokenEvent) -> None:   # engine thread
+        with self._cond:
+            self._events.append(event)
+            self._cond.notify_all()
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._ready.set)
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        while True:
+            with self._cond:
+                while not self._events:
+                    self._cond.wait()
+                event = self._events.popleft()
+            yield event
+            if event.finish_reason is not None:
+                return
+
+    async def __aiter__(self):
+        if self._ready is None:
+            raise RuntimeError("submit() was called outside an event loop; iterate with a plain for loop")
+        while True:
+            await self._ready.wait()
+            with self._cond:
+                events = list(self._events)
+                self._events.clear()
+                self._ready.clear()
+            for event in events:
+                yield event
+                if event.finish_reason is not None:
+                    return
+
+
+@dataclass
+class _Request:
+    handle: RequestHandle
+    prompt: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    stop_ids: set[int]
+    decoder: IncrementalDecoder
+    stops: StopMatcher
+    slot: int = -1
+    prefilled: int = 0                       # prompt tokens already in the cache
+    output: list[int] = field(default_factory=list)
+
+    @property
+    def next_position(self) -> int:
+        return len(self.prompt) + len(self.output) - 1
+
+
+class Engine:
+    def __init__(self, model: GPT, tokenizer: Tokenizer, config: EngineConfig | None = None,
+                 device: torch.device | str = "cpu"):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.config = (config or EngineConfig()).validate()
+        self.device = torch.device(device)
+        cfg = model.config
+        self.max_seq_len = min(self.config.max_seq_len or cfg.block_size, cfg.block_size)
+        dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+        slots = self.config.max_batch_size
+        if self.config.kv_cache_memory:
+            per_slot = 2 * cfg.n_layer * cfg.n_embd * self.max_seq_len * dtype.itemsize
+            slots = min(slots, self.config.kv_cache_memory // per_slot)
+            if slots < 1:
+                raise ValueError(f"kv_cache_memory {self.config.kv_cache_memory} bytes holds no slot of "
+                                 f"{per_slot} bytes; raise it or lower max_seq_len")
+        self.slots = slots
+        self.cache = KVCache.allocate(cfg, slots, self.max_seq_len, device=self.device, dtype=dtype)
+        # per-slot penalty state: generated-token counts and a "seen" mask (prompt + output)
+        self._counts = torch.zeros(slots, cfg.vocab_size, device=self.device)
+        self._seen = torch.zeros(slots, cfg.vocab_size, dtype=torch.bool, device=self.device)
+        self._free = list(range(slots))
+        self._active: list[_Request] = []
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._lock = threading.Condition()
+        self._ids = itertools.count()
+        self._running = False
+        self._thread: threading.Thread | None = None
+        self.stats = collections.Counter()       # requests, tokens, cancelled, steps ...
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> "Engine":
+        if not self._running:
+            self._running = True
+            self._thread = threading.Thread(target=self._loop, name="gptstack-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._running = False
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        for request in list(self._active) + list(self._waiting):
+            self._finish(request, "cancelled")
+
+    def __enter__(self) -> "Engine":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self._active)
+
+    # --- API ------------------------------------------------------------------------------------
+    def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError if this request can never run here (empty, too long, bad params)."""
+        params.validate()
+        if not prompt_ids:
+            raise ValueError("the prompt is empty; give at least one token")
+        if len(prompt_ids) + params.max_new_tokens > self.max_seq_len:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens and max_tokens is {params.max_new_tokens}: "
+                             f"together more than the context of {self.max_seq_len} tokens; shorten the prompt "
+                             f"or lower max_tokens")
+        bad = [t for t in prompt_ids if not 0 <= t < self.model.config.vocab_size]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary of {self.model.config.vocab_size}")
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, block: bool = False) -> RequestHandle:
+        """Queue a request; returns its handle at once. Raises QueueFull when the waiting queue is
+        at its bound (unless ``block``), ValueError when the request is invalid."""
+        self.check(prompt_ids, params)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        handle = RequestHandle(next(self._ids), loop)
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else {self.tokenizer.eot_id})
+        request = _Request(handle, list(prompt_ids), params, generator, stop_ids,
+                           IncrementalDecoder(self.tokenizer), StopMatcher(params.stop))
+        with self._lock:
+            if not self._running:
+                raise EngineStopped("the engine is not running")
+            while len(self._waiting) >= self.config.max_queue:
+                if not block:
+                    raise QueueFull(f"{len(self._waiting)} requests are already waiting (max_queue)")
+                self._lock.wait(timeout=0.1)
+            self._waiting.append(request)
+            self.stats["requests"] += 1
+            self._lock.notify_all()
+        return handle
+
+    def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams) -> list[Completion]:
+        """Complete every prompt (batch use, from a thread without an event loop)."""
+        ids = [self.tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
+        started = not self._running
+        self.start()
+        try:
+            handles = [self.submit(p, params, block=True) for p in ids]
+            results = []
+            for prompt, handle in zip(ids, handles):
+                events = list(handle)
+                results.append(Completion(text="".join(e.text for e in events),
+                                          token_ids=[e.token_id for e in events if e.token_id is not None],
+                                          finish_reason=events[-1].finish_reason, prompt_tokens=len(prompt),
+                                          logprobs=[e.logprob for e in events if e.logprob is not None]))
+            return results
+        finally:
+            if started:
+                self.shutdown()
+
+    # --- the loop -------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._lock:
+                    while self._running and not self._waiting and not self._active:
+                        self._lock.wait()
+                    if not self._running:
+                        return
+                    while self._waiting and self._free:
+                        self._admit(self._waiting.popleft())
+                    self._lock.notify_all()     # room in the queue for blocked submitters
+                for request in [r for r in self._active if r.handle.cancelled]:
+                    self._finish(request, "cancelled")
+                prefilling = [r for r in self._active if r.prefilled < len(r.prompt)]
+                if prefilling:
+                    self._prefill(prefilling[0])
+                decoding = [r for r in self._active if r.prefilled == len(r.prompt) and r.output]
+                if decoding:
+                    self._decode(decoding)
+                self.stats["steps"] += 1
+
+    def _admit(self, request: _Request) -> None:
+        request.slot = self._free.pop(0)
+        self._counts[request.slot].zero_()
+        self._seen[request.slot].zero_()
+        if request.params.repetition_penalty != 1:
+            self._seen[request.slot, torch.tensor(request.prompt, device=self.device)] = True
+        self._active.append(request)
+
+    def _prefill(self, request: _Request) -> None:
+        start = request.prefilled
+        chunk = request.prompt[start:start + self.config.prefill_chunk]
+        idx = torch.tensor([chunk], device=self.device)
+        positions = torch.arange(start, start + len(chunk), device=self.device)[None]
+        rows = torch.tensor([request.slot], device=self.device)
+        logits, _ = self.model(idx, cache=self.cache.select(rows), positions=positions, last_only=True)
+        request.prefilled += len(chunk)
+        self.stats["prompt_tokens"] += len(chunk)
+        if request.prefilled == len(request.prompt):
+            self._emit([request], logits[:, -1])
+
+    def _decode(self, batch: list[_Request]) -> None:
+        idx = torch.tensor([[r.output[-1]] for r in batch], device=self.device)
+        positions = torch.tensor([[r.next_position] for r in batch], device=self.device)
+        rows = torch.tensor([r.slot for r in batch], device=self.device)
+        logits, _ = self.model(idx, cache=self.cache.select(rows), positions=positions, last_only=True)
+        self._emit(batch, logits[:, -1])
+
+    def _emit(self, batch: list[_Request], logits: torch.Tensor) -> None:
+        """Sample one token for each request of the batch and hand it to its consumer."""
+        logits = logits.float()
+        params = [r.params for r in batch]
+        rows = torch.tensor([r.slot for r in batch], device=self.device)
+        raw_logprobs = logits.log_softmax(dim=-1) if any(p.logprobs is not None for p in params) else None
+        if any(p.has_penalties for p in params):
+            f = lambda name: torch.tensor([getattr(p, name) for p in params], device=self.device)
+            logits = apply_penalties(logits, self._counts[rows], self._seen[rows], f("presence_penalty"),
+                                     f("frequency_penalty"), f("repetition_penalty"))
+        tokens = sample(logits,
+                        torch.tensor([p.temperature for p in params], device=self.device),
+                        torch.tensor([p.top_k for p in params], device=self.device),
+                        torch.tensor([p.top_p for p in params], device=self.device),
+                        [r.generator for r in batch],
+                        torch.tensor([p.min_p for p in params], device=self.device))
+        self._counts[rows, tokens] += 1
+        self._seen[rows, tokens] = True
+        self.stats["generated_tokens"] += len(batch)
+        for i, (request, token) in enumerate(zip(batch, tokens.tolist())):
+            logprob = top = None
+            if raw_logprobs is not None and request.params.logprobs is not None:
+                logprob = float(raw_logprobs[i, token])
+                if request.params.logprobs:
+                    values, ids = raw_logprobs[i].topk(request.params.logprobs)
+                    top = list(zip(ids.tolist(), values.tolist()))
+            self._advance(request, token, logprob, top)
+
+    def _advance(self, request: _Request, token: int, logprob, top) -> None:
+        request.output.append(token)
+        if token in request.stop_ids:
+            self._finish(request, "stop", self._drain(request))
+            return
+        text, stopped = request.stops.push(request.decoder.push(token))
+        if stopped:
+            self._finish(request, "stop", text, token, logprob, top)
+        elif len(request.output) >= request.params.max_new_tokens:
+            self._finish(request, "length", text + self._drain(request), token, logprob, top)
+        else:
+            request.handle._push(TokenEvent(text, token, logprob, top))
+
+    @staticmethod
+    def _drain(request: _Request) -> str:
+        """Text still held back at the end of a stream (partial characters, partial stop strings)."""
+        piece, stopped = request.stops.push(request.decoder.flush())
+        return piece if stopped else piece + request.stops.flush()
+
+    def _finish(self, request: _Request, reason: str, text: str = "", token=None, logprob=None, top=None) -> None:
+        """Send the last event and free the request's slot."""
+        if request in self._active:
+            self._active.remove(request)
+            self._free.append(request.slot)
+            self._free.sort()
+        elif request in self._waiting:
+            self._waiting.remove(request)
+        if reason == "cancelled":
+            self.stats["cancelled"] += 1
+        stopped_by_token = bool(request.output) and request.output[-1] in request.stop_ids
+        request.handle.finished = True
+        request.handle._push(TokenEvent(text, token, logprob, top, finish_reason=reason,
+                                        prompt_tokens=len(request.prompt),
+                                        completion_tokens=len(request.output) - stopped_by_token))

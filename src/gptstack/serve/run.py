@@ -1,0 +1,95 @@
+"""`gptstack serve`: load a checkpoint into an Engine and run the app under uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import load_model
+from ..inference.engine import Engine, EngineConfig
+from ..inference.quantize import quantize_int8
+from ..runtime import resolve_device, resolve_dtype, tune_allocator
+from .app import DEFAULT_CHAT_TEMPLATE, ServeConfig, create_app
+from .security import KeyStore
+
+log = logging.getLogger("gptstack.serve")
+
+
+@dataclass
+class ServeOptions:
+    checkpoint: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_name: str = ""
+    api_keys: list[str] = field(default_factory=list)
+    api_keys_file: str | None = None
+    insecure_no_auth: bool = False
+    device: str = "auto"
+    dtype: str = "fp32"                  # weights: fp32 | bf16
+    quantize: str = "none"               # none | int8
+    max_batch_size: int = 8
+    max_queue: int = 64
+    max_seq_len: int = 0
+    kv_cache_memory: int = 0
+    requests_per_minute: int = 0
+    tokens_per_minute: int = 0
+    max_body_bytes: int = 1 << 20
+    metrics_public: bool = False
+    log_prompts: bool = False
+    chat_template: str | None = None     # a file holding a Jinja template
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    graceful_shutdown_seconds: float = 30.0
+
+
+def build_engine(options: ServeOptions) -> Engine:
+    device = resolve_device(options.device)
+    if options.quantize not in ("none", "int8"):
+        raise ValueError(f"quantize must be 'none' or 'int8', got {options.quantize!r}")
+    dtype = resolve_dtype(options.dtype, device)
+    model, tokenizer, _ = load_model(options.checkpoint, device=device, dtype=dtype)
+    if options.quantize == "int8":
+        model = quantize_int8(model)
+    config = EngineConfig(max_batch_size=options.max_batch_size, max_queue=options.max_queue,
+                          max_seq_len=options.max_seq_len, kv_cache_memory=options.kv_cache_memory)
+    return Engine(model, tokenizer, config, device=device)
+
+
+def build_app(options: ServeOptions):
+    keys = KeyStore.from_sources(options.api_keys, options.api_keys_file)
+    if not len(keys) and not options.insecure_no_auth:
+        generated = "sk-gptstack-" + secrets.token_urlsafe(24)
+        keys = KeyStore([generated])
+        print(f"No API key given: generated one for this run.\n  API key: {generated}\n"
+              f"  (pass --api-key, GPTSTACK_API_KEYS or --api-keys-file to choose your own)", flush=True)
+    template = Path(options.chat_template).read_text() if options.chat_template else DEFAULT_CHAT_TEMPLATE
+    name = options.model_name or Path(options.checkpoint).resolve().name
+    config = ServeConfig(model_name=name, keys=keys, auth=not options.insecure_no_auth,
+                         requests_per_minute=options.requests_per_minute, tokens_per_minute=options.tokens_per_minute,
+                         max_body_bytes=options.max_body_bytes, metrics_public=options.metrics_public,
+                         log_prompts=options.log_prompts, chat_template=template,
+                         chat_stops=[] if options.chat_template else ServeConfig().chat_stops)
+    return create_app(build_engine(options), config)
+
+
+def serve(options: ServeOptions) -> None:
+    """Run until SIGINT/SIGTERM; on either, stop accepting, let in-flight requests finish for up to
+    ``graceful_shutdown_seconds``, then stop the engine and return (exit code 0)."""
+    import uvicorn
+
+    tune_allocator()
+    torch.set_grad_enabled(False)
+    if bool(options.ssl_certfile) != bool(options.ssl_keyfile):
+        raise ValueError("TLS needs both --ssl-certfile and --ssl-keyfile")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = build_app(options)
+    scheme = "https" if options.ssl_certfile else "http"
+    print(f"serving {options.checkpoint} at {scheme}://{options.host}:{options.port} "
+          f"(OpenAI API under /v1, playground at /)", flush=True)
+    uvicorn.Server(uvicorn.Config(app, host=options.host, port=options.port, ssl_certfile=options.ssl_certfile,
+                                  ssl_keyfile=options.ssl_keyfile, access_log=False, log_level="info",
+                                  timeout_graceful_shutdown=options.graceful_shutdown_seconds)).run()

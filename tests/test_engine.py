@@ -1,0 +1,121 @@
+import asyncio
+import math
+import time
+
+import pytest
+import torch
+
+from gptstack.checkpoint import load_model
+from gptstack.data.loader import TokenDataset, eval_batches
+from gptstack.inference.engine import Engine, EngineConfig, QueueFull
+from gptstack.inference.quantize import Int8Linear, quantize_int8
+from gptstack.inference.sampling import SamplingParams, apply_penalties
+
+
+@pytest.fixture()
+def engine(tiny_checkpoint):
+    model, tok, _ = load_model(tiny_checkpoint)
+    with Engine(model, tok, EngineConfig(max_batch_size=4, max_queue=4, prefill_chunk=8)) as e:
+        yield e
+
+
+def test_batch_results_equal_one_at_a_time(engine):
+    params = SamplingParams(max_new_tokens=12, temperature=0.9, seed=7, ignore_eos=True)
+    prompts = ["ROMEO:", "First Citizen:\nBefore we proceed any further", "KING", "O"]
+    together = engine.generate(prompts, params)
+    alone = [engine.generate([p], params)[0] for p in prompts]
+    assert [c.text for c in together] == [c.text for c in alone]
+    assert all(len(c.token_ids) == 12 and c.finish_reason == "length" for c in together)
+
+
+def test_greedy_engine_matches_plain_forward(engine):
+    ids = engine.tokenizer.encode("ROMEO:\nWhat says my love")   # longer than one prefill chunk of 8
+    got = engine.generate([ids], SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True))[0].token_ids
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(10):
+            seq.append(int(engine.model(torch.tensor([seq]))[0][0, -1].argmax()))
+    assert got == seq[len(ids):]
+
+
+def test_stop_strings_and_logprobs(engine):
+    params = SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True, logprobs=3)
+    full = engine.generate(["ROMEO:"], params)[0]
+    stop = full.text[5:8]
+    cut = engine.generate(["ROMEO:"], SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True, stop=[stop]))[0]
+    assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.index(stop)]
+    assert len(full.logprobs) == 40 and all(lp <= 0 for lp in full.logprobs)
+
+
+def test_cancel_frees_the_slot_and_queue_is_bounded(tiny_checkpoint):
+    model, tok, _ = load_model(tiny_checkpoint)
+    engine = Engine(model, tok, EngineConfig(max_batch_size=1, max_queue=2)).start()
+    try:
+        long = SamplingParams(max_new_tokens=60, ignore_eos=True)
+        first = engine.submit([1, 2, 3], long)
+        while engine.batch_size == 0:   # wait until it holds the only slot
+            time.sleep(0.001)
+        waiting = [engine.submit([1, 2, 3], long) for _ in range(2)]
+        with pytest.raises(QueueFull):
+            engine.submit([1, 2, 3], long)
+        first.cancel()
+        for h in waiting:
+            h.cancel()
+        events = list(first)
+        assert events[-1].finish_reason == "cancelled"
+        assert all(list(h)[-1].finish_reason == "cancelled" for h in waiting)
+        done = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=3, ignore_eos=True))
+        assert list(done)[-1].finish_reason == "length"
+        assert engine.batch_size == 0 and engine.queue_depth == 0 and engine.stats["cancelled"] == 3
+    finally:
+        engine.shutdown()
+
+
+def test_async_stream_text_equals_decoded_tokens(engine):
+    async def run():
+        handle = engine.submit(engine.tokenizer.encode("KING:"), SamplingParams(max_new_tokens=20, seed=3, ignore_eos=True))
+        return [e async for e in handle]
+
+    events = asyncio.run(run())
+    assert events[-1].finish_reason == "length" and events[-1].completion_tokens == 20
+    ids = [e.token_id for e in events]
+    assert "".join(e.text for e in events) == engine.tokenizer.decode(ids)
+
+
+def test_requests_that_cannot_fit_are_refused(engine):
+    with pytest.raises(ValueError, match="more than the context"):
+        engine.submit([1] * 60, SamplingParams(max_new_tokens=10))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.submit([10**6], SamplingParams(max_new_tokens=1))
+    with pytest.raises(ValueError, match="top_p"):
+        engine.submit([1], SamplingParams(top_p=0))
+
+
+def test_penalties_follow_openai_and_ctrl_rules():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
+    counts = torch.tensor([[2.0, 1.0, 0.0, 0.0]])
+    seen = torch.tensor([[True, True, False, True]])
+    out = apply_penalties(logits, counts, seen, torch.tensor([0.5]), torch.tensor([0.25]), torch.tensor([2.0]))
+    # token 0: 2/2 - 0.25*2 - 0.5 = 0; token 1: -2*2 - 0.25 - 0.5 = -4.75; token 2 untouched; token 3: 0.5/2
+    assert out.tolist() == [[0.0, -4.75, 1.0, 0.25]]
+
+
+def perplexity(model, dataset) -> float:
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for x, y in eval_batches(dataset, model.config.block_size, 8, 6):
+            logits, _ = model(x)
+            total += torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.reshape(-1),
+                                                       reduction="sum").item()
+            count += y.numel()
+    return math.exp(total / count)
+
+
+def test_int8_quantization_keeps_perplexity_within_two_percent(tiny_checkpoint, shakespeare):
+    val = TokenDataset(shakespeare, "val")
+    model, _, _ = load_model(tiny_checkpoint)
+    reference = perplexity(model, val)
+    quantized = quantize_int8(load_model(tiny_checkpoint)[0])
+    assert isinstance(quantized.transformer.h[0].attn.c_attn, Int8Linear)
+    assert quantized.transformer.h[0].attn.c_attn.weight.dtype == torch.int8
+    assert abs(perplexity(quantized, val) / reference - 1) < 0.02
