@@ -4,6 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # torch is installed first and pinned, so pip never resolves a multi-GB CUDA build on a CPU box.
 TORCH  := torch==2.13.0
+PORT   ?= 8000
 
 .PHONY: install install-test demo test bench clean
 
@@ -23,11 +24,12 @@ $(VENV)/.installed-test: $(VENV)/.installed
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
-## demo: install, prepare the bundled Shakespeare, train ~3 minutes on the CPU, print samples
+## demo: install, prepare the bundled Shakespeare, train ~3 minutes on the CPU, print samples, serve
 demo: install
 	$(BIN)/gptstack train --config configs/demo.yaml --resume false
 	$(BIN)/gptstack generate --checkpoint runs/demo/best --prompt "ROMEO:" --max-new-tokens 120 --seed 1 --temperature 0.8
 	$(BIN)/gptstack generate --checkpoint runs/demo/best --prompt "First Citizen:" --max-new-tokens 120 --seed 2 --temperature 0.8
+	$(BIN)/gptstack serve --checkpoint runs/demo/best --model-name shakespeare --port $(PORT)
 
 ## test: install with test extras and run the whole suite
 test: install-test

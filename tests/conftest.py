@@ -37,7 +37,8 @@ def tiny_overrides(data: Path, out_dir: Path, **extra) -> dict:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(shakespeare, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run")
-    train(build_train_config(overrides=tiny_overrides(shakespeare, out, max_steps=30)))
+    # a context of 256 leaves room for requests long enough to cancel part-way in the server tests
+    train(build_train_config(overrides=tiny_overrides(shakespeare, out, max_steps=30, **{"model.block_size": 256})))
     return out / "best"
 
 

@@ -84,7 +84,7 @@ def test_async_stream_text_equals_decoded_tokens(engine):
 
 def test_requests_that_cannot_fit_are_refused(engine):
     with pytest.raises(ValueError, match="more than the context"):
-        engine.submit([1] * 60, SamplingParams(max_new_tokens=10))
+        engine.submit([1] * 250, SamplingParams(max_new_tokens=10))
     with pytest.raises(ValueError, match="outside the vocabulary"):
         engine.submit([10**6], SamplingParams(max_new_tokens=1))
     with pytest.raises(ValueError, match="top_p"):
@@ -103,7 +103,7 @@ def test_penalties_follow_openai_and_ctrl_rules():
 def perplexity(model, dataset) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
-        for x, y in eval_batches(dataset, model.config.block_size, 8, 6):
+        for x, y in eval_batches(dataset, model.config.block_size, 4, 4):
             logits, _ = model(x)
             total += torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.reshape(-1),
                                                        reduction="sum").item()

@@ -125,40 +125,50 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         metrics.errors.labels(code="500").inc()
         return error_response(500, "internal error; the server log has the details", "server_error")
 
-    # --- middleware: request log, auth (innermost first) --------------------------------------------
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if config.auth and request.url.path not in config.public_paths:
-            header = request.headers.get("authorization", "")
-            presented = header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("x-api-key")
-            key_id = config.keys.match(presented)
+    # --- middleware (pure ASGI, so that request.is_disconnected() still sees the client) ---------------
+    async def send_json(send, status: int, body: dict, headers: list | None = None) -> None:
+        data = json.dumps(body).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                                *(headers or [])]})
+        await send({"type": "http.response.body", "body": data})
+
+    def auth_and_log(inner):
+        async def middleware(scope, receive, send):
+            if scope["type"] != "http":
+                return await inner(scope, receive, send)
+            started, path, status = time.perf_counter(), scope["path"], [0]
+            key_id = "anonymous"
+            if config.auth and path not in config.public_paths:
+                headers = dict(scope.get("headers") or [])
+                auth = headers.get(b"authorization", b"").decode("latin-1")
+                presented = auth[7:].strip() if auth.lower().startswith("bearer ") else \
+                    headers.get(b"x-api-key", b"").decode("latin-1")
+                key_id = config.keys.match(presented)
+            scope.setdefault("state", {})["key_id"] = key_id
+
+            async def tracked_send(message):
+                if message["type"] == "http.response.start":
+                    status[0] = message["status"]
+                await send(message)
+
             if key_id is None:
                 metrics.errors.labels(code="401").inc()
-                return error_response(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                                      "authentication_error", code="invalid_api_key")
-            request.state.key_id = key_id
-        else:
-            request.state.key_id = "anonymous"
-        return await call_next(request)
-
-    @app.middleware("http")
-    async def _log(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        elapsed = time.perf_counter() - started
-        metrics.requests.labels(route=request.url.path, status=str(response.status_code)).inc()
-        log.info("%s %s -> %d in %.3fs key=%s", request.method, request.url.path, response.status_code, elapsed,
-                 getattr(request.state, "key_id", "-"))
-        return response
+                await send_json(tracked_send, 401, error_body("missing or invalid API key: send 'Authorization: Bearer <key>'",
+                                                              "authentication_error", code="invalid_api_key"))
+            else:
+                await inner(scope, receive, tracked_send)
+            metrics.requests.labels(route=path, status=str(status[0])).inc()
+            log.info("%s %s -> %d in %.3fs key=%s", scope["method"], path, status[0], time.perf_counter() - started,
+                     key_id or "invalid")
+        return middleware
 
     async def reject_large(scope, send):
         metrics.errors.labels(code="413").inc()
-        body = json.dumps(error_body(f"request body over {config.max_body_bytes} bytes", code="body_too_large")).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await send_json(send, 413, error_body(f"request body over {config.max_body_bytes} bytes", code="body_too_large"))
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes, reject=reject_large)
+    app.add_middleware(lambda inner: auth_and_log(inner))
 
     # --- helpers ------------------------------------------------------------------------------------
     def check_model(name: str | None) -> None:
@@ -219,11 +229,6 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
                 else:
                     metrics.itl.observe(now - last)
                 last = now
-            if event.finish_reason is not None:
-                metrics.prompt_tokens.inc(event.prompt_tokens)
-                metrics.completion_tokens.inc(event.completion_tokens)
-                if event.finish_reason == "cancelled":
-                    metrics.cancelled.inc()
             yield event
 
     async def collect(request: Request, handles: list[RequestHandle]) -> list[list[TokenEvent]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 from ..inference.engine import Engine
 
@@ -14,9 +15,6 @@ class ServerMetrics:
         self.registry = r = CollectorRegistry()
         self.requests = Counter("gptstack_http_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
         self.errors = Counter("gptstack_errors", "error responses by HTTP status code", ["code"], registry=r)
-        self.prompt_tokens = Counter("gptstack_prompt_tokens", "prompt tokens processed", registry=r)
-        self.completion_tokens = Counter("gptstack_generation_tokens", "tokens generated", registry=r)
-        self.cancelled = Counter("gptstack_requests_cancelled", "requests cancelled (client gone or cancelled)", registry=r)
         self.ttft = Histogram("gptstack_time_to_first_token_seconds", "time from submit to the first token",
                               buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("gptstack_inter_token_latency_seconds", "time between tokens of a request",
@@ -25,5 +23,23 @@ class ServerMetrics:
         Gauge("gptstack_batch_size", "requests in the running batch", registry=r).set_function(lambda: engine.batch_size)
         Gauge("gptstack_batch_slots", "KV cache slots (maximum batch size)", registry=r).set_function(lambda: engine.slots)
 
+        r.register(EngineCounters(engine))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class EngineCounters:
+    """The engine's own counts, read at scrape time (the engine knows of requests the HTTP layer
+    never sees finish, such as those cancelled after their client left)."""
+
+    NAMES = {"requests": "requests submitted to the engine", "prompt_tokens": "prompt tokens prefilled",
+             "generated_tokens": "tokens generated", "cancelled": "requests cancelled (client gone or cancelled)"}
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def collect(self):
+        for key, doc in self.NAMES.items():
+            name = "gptstack_requests_cancelled" if key == "cancelled" else f"gptstack_engine_{key}"
+            yield CounterMetricFamily(name, doc, value=self.engine.stats[key])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,13 +62,18 @@ def build_engine(options: ServeOptions) -> Engine:
 
 def build_app(options: ServeOptions):
     keys = KeyStore.from_sources(options.api_keys, options.api_keys_file)
+    shown_key = "$GPTSTACK_API_KEY"
     if not len(keys) and not options.insecure_no_auth:
-        generated = "sk-gptstack-" + secrets.token_urlsafe(24)
-        keys = KeyStore([generated])
-        print(f"No API key given: generated one for this run.\n  API key: {generated}\n"
+        shown_key = "sk-gptstack-" + secrets.token_urlsafe(24)
+        keys = KeyStore([shown_key])
+        print(f"No API key given: generated one for this run.\n  API key: {shown_key}\n"
               f"  (pass --api-key, GPTSTACK_API_KEYS or --api-keys-file to choose your own)", flush=True)
-    template = Path(options.chat_template).read_text() if options.chat_template else DEFAULT_CHAT_TEMPLATE
     name = options.model_name or Path(options.checkpoint).resolve().name
+    scheme = "https" if options.ssl_certfile else "http"
+    print(f"Try it:\n  curl {scheme}://{options.host}:{options.port}/v1/completions -H 'Authorization: Bearer {shown_key}' "
+          f"-H 'Content-Type: application/json' -d '{{\"model\": \"{name}\", \"prompt\": \"ROMEO:\", \"max_tokens\": 40}}'\n"
+          f"  or open {scheme}://{options.host}:{options.port}/ for the playground", flush=True)
+    template = Path(options.chat_template).read_text() if options.chat_template else DEFAULT_CHAT_TEMPLATE
     config = ServeConfig(model_name=name, keys=keys, auth=not options.insecure_no_auth,
                          requests_per_minute=options.requests_per_minute, tokens_per_minute=options.tokens_per_minute,
                          max_body_bytes=options.max_body_bytes, metrics_public=options.metrics_public,
@@ -90,6 +96,9 @@ def serve(options: ServeOptions) -> None:
     scheme = "https" if options.ssl_certfile else "http"
     print(f"serving {options.checkpoint} at {scheme}://{options.host}:{options.port} "
           f"(OpenAI API under /v1, playground at /)", flush=True)
+    # uvicorn drains on SIGTERM and then raises the signal again, which would end the process
+    # with -15; a no-op handler underneath it makes a clean drain exit 0, as supervisors expect.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.Server(uvicorn.Config(app, host=options.host, port=options.port, ssl_certfile=options.ssl_certfile,
                                   ssl_keyfile=options.ssl_keyfile, access_log=False, log_level="info",
                                   timeout_graceful_shutdown=options.graceful_shutdown_seconds)).run()

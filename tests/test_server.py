@@ -1,0 +1,263 @@
+"""The real server on a real port, driven by the official openai client and by httpx."""
+
+import asyncio
+import json
+import re
+import shutil
+import signal
+import ssl
+import subprocess
+import time
+
+import httpx
+import openai
+import pytest
+
+from gptstack.serve.app import ServeConfig, create_app
+from gptstack.serve.security import KeyStore
+
+from conftest import Server
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=server.key, max_retries=0)
+
+
+def test_models_and_completions(client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    out = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=12, seed=1, temperature=0.7)
+    assert out.object == "text_completion" and out.choices[0].finish_reason in ("length", "stop")
+    assert out.usage.prompt_tokens == 3 and 0 < out.usage.completion_tokens <= 12
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+    again = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=12, seed=1, temperature=0.7)
+    assert again.choices[0].text == out.choices[0].text
+
+
+def test_completion_options(client):
+    out = client.completions.create(model="tiny", prompt=["ROMEO:", "KING:"], max_tokens=5, n=2, echo=True,
+                                    logprobs=2, temperature=0, extra_body={"ignore_eos": True})
+    assert len(out.choices) == 4
+    assert out.choices[0].text.startswith("ROMEO:") and out.choices[2].text.startswith("KING:")
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == 5 and all(len(t) == 2 for t in lp.top_logprobs) and all(v <= 0 for v in lp.token_logprobs)
+    assert out.usage.completion_tokens == 20
+
+
+def test_streaming_completion(client):
+    chunks = list(client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=10, stream=True, seed=3,
+                                            extra_body={"ignore_eos": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert chunks[-1].usage.completion_tokens == 10
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    whole = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=10, seed=3, extra_body={"ignore_eos": True})
+    assert text == whole.choices[0].text
+
+
+def test_chat_completion_and_stream(client):
+    messages = [{"role": "system", "content": "You are a poet."}, {"role": "user", "content": "Speak of love"}]
+    out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, seed=2, logprobs=True,
+                                         top_logprobs=2)
+    assert out.object == "chat.completion" and out.choices[0].message.role == "assistant"
+    assert out.usage.completion_tokens >= 1
+    assert all(len(t.top_logprobs) == 2 for t in out.choices[0].logprobs.content)
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, seed=2, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == out.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == out.usage.completion_tokens
+
+
+def test_sse_ends_with_done(server):
+    with httpx.stream("POST", server.url + "/v1/completions", headers=server.headers, timeout=30,
+                      json={"model": "tiny", "prompt": "a", "max_tokens": 3, "stream": True}) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+
+
+def test_tokenize_detokenize_health_ready(server):
+    r = httpx.post(server.url + "/tokenize", headers=server.headers, json={"prompt": "Hello world"})
+    assert r.json()["tokens"] == [15496, 995] and r.json()["max_model_len"] == 256
+    r = httpx.post(server.url + "/detokenize", headers=server.headers, json={"tokens": [15496, 995]})
+    assert r.json() == {"prompt": "Hello world"}
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    assert httpx.get(server.url + "/ready").json()["status"] == "ready"
+
+
+def test_every_route_needs_a_key_except_the_allow_list(server, tiny_checkpoint):
+    """Walk the app's whole route table: nothing outside the allow-list answers without a key."""
+    from gptstack.inference.engine import Engine
+    from gptstack.checkpoint import load_model
+    model, tok, _ = load_model(tiny_checkpoint)
+    config = ServeConfig(keys=KeyStore(["k"]))
+    app = create_app(Engine(model, tok), config)
+    checked = 0
+    for route in app.routes:
+        for method in sorted(getattr(route, "methods", None) or {"GET"}):
+            if method == "HEAD":
+                continue
+            path = re.sub(r"\{[^}]+\}", "x", route.path)
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic dGVzdC1rZXk="}):
+                r = httpx.request(method, server.url + path, headers=headers, json={})
+                if route.path in config.public_paths:
+                    assert r.status_code in (200, 503), route.path
+                else:
+                    assert r.status_code == 401, (method, route.path, r.status_code)
+                    assert r.json()["error"]["code"] == "invalid_api_key"
+            checked += 1
+    assert checked >= 10
+    assert httpx.get(server.url + "/openapi.json").status_code == 401
+    assert httpx.get(server.url + "/metrics").status_code == 401
+    assert httpx.get(server.url + "/metrics", headers={"X-API-Key": server.key}).status_code == 200
+
+
+@pytest.mark.parametrize("body, status, fragment", [
+    ({"model": "gpt-4", "prompt": "x"}, 404, "does not exist"),
+    ({"model": "tiny", "prompt": "x", "max_tokens": 300}, 400, "more than the context"),
+    ({"model": "tiny", "prompt": "x", "temperature": -0.5}, 400, "temperature"),
+    ({"model": "tiny", "prompt": "x", "top_p": 0}, 400, "top_p"),
+    ({"model": "tiny", "prompt": "x", "top_p": 1.5}, 400, "top_p"),
+    ({"model": "tiny", "prompt": "x", "n": 50}, 400, "n must be at most"),
+    ({"model": "tiny", "prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
+    ({"model": "tiny", "prompt": 42}, 400, "prompt"),
+    ({"model": "tiny", "prompt": "x", "stream": "yes"}, 400, "stream"),
+    ({"model": "tiny", "prompt": "x", "temprature": 1}, 400, "unknown parameter"),
+    ({"model": "tiny", "prompt": [10**7]}, 400, "outside the vocabulary"),
+    ({"model": "tiny", "prompt": ""}, 400, "prompt is empty"),
+    ({"prompt": "x"}, 400, "model"),
+    ({"model": "tiny", "prompt": "x", "logit_bias": {"1": 5}}, 400, "logit_bias"),
+])
+def test_bad_parameters_get_openai_errors(server, body, status, fragment):
+    r = httpx.post(server.url + "/v1/completions", headers=server.headers, json=body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert fragment in error["message"] and error["type"]
+
+
+def test_malformed_oversized_and_non_utf8_bodies(server):
+    url, headers = server.url + "/v1/completions", {**server.headers, "Content-Type": "application/json"}
+    r = httpx.post(url, headers=headers, content=b'{"model": "tiny", "prompt": ')
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = httpx.post(url, headers=headers, content=b'{"model": "tiny", "prompt": "\xff\xfe"}')
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = httpx.post(url, headers=headers, content=b'{"model": "tiny", "prompt": "' + b"a" * (2 << 20) + b'"}')
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    r = httpx.post(server.url + "/v1/chat/completions", headers=server.headers, json={"model": "tiny", "messages": []})
+    assert r.status_code == 400
+
+
+def test_concurrent_requests_are_batched(server):
+    """8 concurrent requests take far less than 8x one: they share decode steps."""
+    body = {"model": "tiny", "prompt": "ROMEO:", "max_tokens": 48, "ignore_eos": True, "temperature": 0}
+
+    async def run(n):
+        async with httpx.AsyncClient(headers=server.headers, timeout=120) as c:
+            start = time.perf_counter()
+            results = await asyncio.gather(*[c.post(server.url + "/v1/completions", json=body) for _ in range(n)])
+            assert all(r.status_code == 200 for r in results)
+            return time.perf_counter() - start
+
+    asyncio.run(run(1))   # warm-up
+    one = min(asyncio.run(run(1)) for _ in range(2))
+    eight = asyncio.run(run(8))
+    assert eight < 4 * one, (one, eight)
+    metrics = httpx.get(server.url + "/metrics", headers=server.headers).text
+    assert "gptstack_time_to_first_token_seconds_count" in metrics and "gptstack_batch_size" in metrics
+
+
+def metric(server, name: str) -> float:
+    text = httpx.get(server.url + "/metrics", headers=server.headers).text
+    match = re.search(rf"^{name} ([0-9.e+]+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def wait_for(predicate, seconds=20.0):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_client_disconnect_cancels_streaming_and_plain_requests(server):
+    before = metric(server, "gptstack_requests_cancelled_total")
+    body = {"model": "tiny", "prompt": "ROMEO:", "max_tokens": 250, "ignore_eos": True}
+    with httpx.stream("POST", server.url + "/v1/completions", headers=server.headers, timeout=30,
+                      json={**body, "stream": True}) as r:
+        next(r.iter_lines())
+    assert wait_for(lambda: metric(server, "gptstack_requests_cancelled_total") >= before + 1)
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/completions", headers=server.headers, json=body, timeout=0.05)
+    assert wait_for(lambda: metric(server, "gptstack_requests_cancelled_total") >= before + 2)
+    assert wait_for(lambda: metric(server, "gptstack_batch_size") == 0)
+
+
+def test_rate_limits_and_bounded_queue(tiny_checkpoint):
+    limited = Server(tiny_checkpoint, "--requests-per-minute", "2", "--max-batch-size", "1", "--max-queue", "1")
+    try:
+        body = {"model": "tiny", "prompt": "a", "max_tokens": 2}
+        codes = [httpx.post(limited.url + "/v1/completions", headers=limited.headers, json=body).status_code
+                 for _ in range(3)]
+        assert codes == [200, 200, 429]
+        r = httpx.post(limited.url + "/v1/completions", headers=limited.headers, json=body)
+        assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+        assert r.json()["error"]["type"] == "rate_limit_error"
+    finally:
+        limited.stop()
+
+    busy = Server(tiny_checkpoint, "--max-batch-size", "1", "--max-queue", "1")
+    try:
+        body = {"model": "tiny", "prompt": "a", "max_tokens": 60, "ignore_eos": True}
+
+        async def burst():
+            async with httpx.AsyncClient(headers=busy.headers, timeout=120) as c:
+                return await asyncio.gather(*[c.post(busy.url + "/v1/completions", json=body) for _ in range(6)])
+
+        codes = sorted(r.status_code for r in asyncio.run(burst()))
+        assert 200 in codes and 503 in codes and set(codes) <= {200, 503}
+    finally:
+        busy.stop()
+
+
+def test_logs_leave_prompts_out_unless_asked(server, tiny_checkpoint):
+    httpx.post(server.url + "/v1/completions", headers=server.headers,
+               json={"model": "tiny", "prompt": "SECRET-PROMPT-TEXT", "max_tokens": 1})
+    assert "POST /v1/completions -> 200" in server.output()
+    assert "SECRET-PROMPT-TEXT" not in server.output()
+
+
+def test_sigterm_finishes_in_flight_requests_then_exits_zero(tiny_checkpoint):
+    s = Server(tiny_checkpoint)
+    chunks = []
+    with httpx.stream("POST", s.url + "/v1/completions", headers=s.headers, timeout=60,
+                      json={"model": "tiny", "prompt": "a", "max_tokens": 60, "ignore_eos": True, "stream": True}) as r:
+        lines = r.iter_lines()
+        chunks.append(next(lines))
+        s.proc.send_signal(signal.SIGTERM)
+        chunks.extend(line for line in lines if line)
+    assert s.proc.wait(timeout=60) == 0
+    assert chunks[-1] == "data: [DONE]"
+    usage = [json.loads(c[6:]) for c in chunks if c.startswith("data: {")][-1]["usage"]
+    assert usage["completion_tokens"] == 60
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(s.url + "/health")
+    s.log.close()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
+def test_tls(tiny_checkpoint, tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    s = Server(tiny_checkpoint, "--ssl-certfile", str(cert), "--ssl-keyfile", str(key), scheme="https")
+    try:
+        with httpx.Client(verify=ssl.create_default_context(cafile=str(cert))) as http:
+            client = openai.OpenAI(base_url=s.url + "/v1", api_key=s.key, http_client=http)
+            assert client.completions.create(model="tiny", prompt="a", max_tokens=2).usage.completion_tokens >= 1
+        with pytest.raises((httpx.RemoteProtocolError, httpx.ConnectError)):
+            httpx.get(s.url.replace("https", "http") + "/health")   # no plain HTTP on the TLS port
+    finally:
+        s.stop()
