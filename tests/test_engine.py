@@ -116,6 +116,16 @@ def test_int8_quantization_keeps_perplexity_within_two_percent(tiny_checkpoint, 
     model, _, _ = load_model(tiny_checkpoint)
     reference = perplexity(model, val)
     quantized = quantize_int8(load_model(tiny_checkpoint)[0])
-    assert isinstance(quantized.transformer.h[0].attn.c_attn, Int8Linear)
-    assert quantized.transformer.h[0].attn.c_attn.weight.dtype == torch.int8
+    layer = quantized.transformer.h[0].attn.c_attn
+    assert layer.weight().dtype == torch.qint8 and quantized.lm_head.weight().dtype == torch.qint8
     assert abs(perplexity(quantized, val) / reference - 1) < 0.02
+
+
+def test_weight_only_int8_linear_is_close():
+    """The non-CPU path (Int8Linear) on its own: per-channel int8 weights, float activations."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32)
+    x = torch.randn(5, 64)
+    q = Int8Linear(linear)
+    assert q.weight.dtype == torch.int8
+    assert torch.allclose(q(x), linear(x), atol=0.02 * linear(x).abs().max().item())

@@ -37,11 +37,17 @@ def test_rows_at_different_positions_share_one_cache():
     ref_a, _ = model(a)
     ref_b, _ = model(b)
     cache = KVCache.allocate(cfg, 2)
-    model(a[:, :8], cache=cache.select(torch.tensor([0])), positions=torch.arange(8)[None])
-    model(b[:, :3], cache=cache.select(torch.tensor([1])), positions=torch.arange(3)[None])
+    model(a[:, :8], cache=cache.select([0]), positions=torch.arange(8)[None])
+    model(b[:, :3], cache=cache.select([1]), positions=torch.arange(3)[None])
     step, _ = model(torch.stack([a[0, 8:9], b[0, 3:4]]), cache=cache, positions=torch.tensor([[8], [3]]))
     assert torch.allclose(step[0, 0], ref_a[0, -1], atol=1e-5)
     assert torch.allclose(step[1, 0], ref_b[0, -1], atol=1e-5)
+    # the same step with the rows in the other order reads the cache through a gather
+    fresh = KVCache.allocate(cfg, 2)
+    model(a[:, :8], cache=fresh.select([0]), positions=torch.arange(8)[None])
+    model(b[:, :3], cache=fresh.select([1]), positions=torch.arange(3)[None])
+    swapped, _ = model(torch.stack([b[0, 3:4], a[0, 8:9]]), cache=fresh.select([1, 0]), positions=torch.tensor([[3], [8]]))
+    assert torch.allclose(swapped[0, 0], ref_b[0, -1], atol=1e-5) and torch.allclose(swapped[1, 0], ref_a[0, -1], atol=1e-5)
 
 
 def test_causality_future_tokens_do_not_change_the_past():

@@ -261,3 +261,11 @@ def test_tls(tiny_checkpoint, tmp_path):
             httpx.get(s.url.replace("https", "http") + "/health")   # no plain HTTP on the TLS port
     finally:
         s.stop()
+
+
+def test_default_chat_template_renders_roles(server):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    r = httpx.post(server.url + "/tokenize", headers=server.headers, json={"messages": messages})
+    tokens = r.json()["tokens"]
+    r = httpx.post(server.url + "/detokenize", headers=server.headers, json={"tokens": tokens})
+    assert r.json()["prompt"] == "Be brief.\n\nUser: Hi\nAssistant:"

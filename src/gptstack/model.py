@@ -32,7 +32,7 @@ class KVCache:
 
     k: torch.Tensor
     v: torch.Tensor
-    rows: torch.Tensor | None = None
+    rows: torch.Tensor | slice | None = None
 
     @classmethod
     def allocate(cls, cfg: ModelConfig, batch_size: int, max_len: int | None = None,
@@ -44,20 +44,28 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[3]
 
-    def select(self, rows: torch.Tensor) -> "KVCache":
-        return KVCache(self.k, self.v, rows)
+    def select(self, rows: list[int]) -> "KVCache":
+        """The cache as seen by a batch whose row i uses slot ``rows[i]``. Consecutive slots are a
+        view; any other set is gathered on read."""
+        if rows == list(range(rows[0], rows[0] + len(rows))):
+            return KVCache(self.k, self.v, slice(rows[0], rows[0] + len(rows)))
+        return KVCache(self.k, self.v, torch.tensor(rows, device=self.k.device))
 
     def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                k_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, H, T, D] at ``positions`` [B, T]; return each row's keys and values for
         positions [0, k_len)."""
-        k_cache, v_cache = self.k[layer], self.v[layer]
-        rows = self.rows if self.rows is not None else torch.arange(k.shape[0], device=k.device)
-        k_cache.transpose(1, 2)[rows[:, None], positions] = k.transpose(1, 2).to(k_cache.dtype)
-        v_cache.transpose(1, 2)[rows[:, None], positions] = v.transpose(1, 2).to(v_cache.dtype)
-        if self.rows is None:
-            return k_cache[:k.shape[0], :, :k_len], v_cache[:k.shape[0], :, :k_len]
-        return k_cache[self.rows, :, :k_len], v_cache[self.rows, :, :k_len]
+        if isinstance(self.rows, torch.Tensor):
+            k_cache, v_cache, rows = self.k[layer], self.v[layer], self.rows[:, None]
+        else:
+            span = self.rows or slice(0, k.shape[0])
+            k_cache, v_cache = self.k[layer, span], self.v[layer, span]
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        k_cache.transpose(1, 2)[rows, positions] = k.transpose(1, 2).to(k_cache.dtype)
+        v_cache.transpose(1, 2)[rows, positions] = v.transpose(1, 2).to(v_cache.dtype)
+        if isinstance(self.rows, torch.Tensor):
+            return k_cache[self.rows, :, :k_len], v_cache[self.rows, :, :k_len]
+        return k_cache[:, :, :k_len], v_cache[:, :, :k_len]
 
 
 def attention_mask(q_pos: torch.Tensor, k_len: int, band_width: int | None) -> torch.Tensor:

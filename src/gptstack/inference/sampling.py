@@ -90,7 +90,10 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     greedy = logits.argmax(dim=-1)
     if bool((temperature <= 0).all()):
         return greedy
-    probs = filter_logits(logits, temperature, top_k, top_p, min_p).softmax(dim=-1)
+    filtering = bool((top_k > 0).any() or (top_p < 1).any() or (min_p is not None and (min_p > 0).any()))
+    scaled = filter_logits(logits, temperature, top_k, top_p, min_p) if filtering \
+        else logits.float() / temperature.clamp(min=1e-6)[:, None]
+    probs = scaled.softmax(dim=-1)
     if not isinstance(generators, (list, tuple)):
         generators = [generators] * logits.shape[0]
     races = torch.stack([torch.empty(logits.shape[-1], device=logits.device).exponential_(generator=g)

@@ -138,5 +138,10 @@ def _same_lines(a: Path, b: Path) -> bool:
 
 
 def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
+    """Save a Hugging Face GPT-2 directory as a gptstack checkpoint (its chat template, if any, too)."""
     model, tokenizer = read_hf(hf_dir)
-    return save_checkpoint(out_dir, model, tokenizer, meta={"imported_from": str(hf_dir)})
+    meta = {"imported_from": str(hf_dir)}
+    tok_config = Path(hf_dir) / "tokenizer_config.json"
+    if tok_config.exists() and isinstance(json.loads(tok_config.read_text()).get("chat_template"), str):
+        meta["chat_template"] = json.loads(tok_config.read_text())["chat_template"]
+    return save_checkpoint(out_dir, model, tokenizer, meta=meta)

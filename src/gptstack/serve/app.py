@@ -75,7 +75,7 @@ def error_response(status: int, message: str, type_: str = "invalid_request_erro
     return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
 
 
-def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
+def create_app(engine: Engine, config: ServeConfig, start_engine: bool = True) -> FastAPI:
     tokenizer = engine.tokenizer
     metrics = ServerMetrics(engine)
     limiter = RateLimiter(config.requests_per_minute, config.tokens_per_minute)
@@ -83,7 +83,8 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        engine.start()
+        if start_engine:   # `gptstack serve` runs the engine on its main thread instead
+            engine.start()
         app.state.ready = True
         yield
         app.state.ready = False

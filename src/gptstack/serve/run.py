@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import secrets
 import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,20 +48,21 @@ class ServeOptions:
     graceful_shutdown_seconds: float = 30.0
 
 
-def build_engine(options: ServeOptions) -> Engine:
+def build_engine(options: ServeOptions) -> tuple[Engine, dict]:
+    """The engine over the checkpoint's model, and the checkpoint's config.json."""
     device = resolve_device(options.device)
     if options.quantize not in ("none", "int8"):
         raise ValueError(f"quantize must be 'none' or 'int8', got {options.quantize!r}")
     dtype = resolve_dtype(options.dtype, device)
-    model, tokenizer, _ = load_model(options.checkpoint, device=device, dtype=dtype)
+    model, tokenizer, checkpoint_config = load_model(options.checkpoint, device=device, dtype=dtype)
     if options.quantize == "int8":
         model = quantize_int8(model)
     config = EngineConfig(max_batch_size=options.max_batch_size, max_queue=options.max_queue,
                           max_seq_len=options.max_seq_len, kv_cache_memory=options.kv_cache_memory)
-    return Engine(model, tokenizer, config, device=device)
+    return Engine(model, tokenizer, config, device=device), checkpoint_config
 
 
-def build_app(options: ServeOptions):
+def build_app(options: ServeOptions, engine: Engine, stored_template: str | None = None):
     keys = KeyStore.from_sources(options.api_keys, options.api_keys_file)
     shown_key = "$GPTSTACK_API_KEY"
     if not len(keys) and not options.insecure_no_auth:
@@ -73,18 +75,24 @@ def build_app(options: ServeOptions):
     print(f"Try it:\n  curl {scheme}://{options.host}:{options.port}/v1/completions -H 'Authorization: Bearer {shown_key}' "
           f"-H 'Content-Type: application/json' -d '{{\"model\": \"{name}\", \"prompt\": \"ROMEO:\", \"max_tokens\": 40}}'\n"
           f"  or open {scheme}://{options.host}:{options.port}/ for the playground", flush=True)
-    template = Path(options.chat_template).read_text() if options.chat_template else DEFAULT_CHAT_TEMPLATE
+    # the template: --chat-template, else the one stored with the model, else a plain default
+    template = Path(options.chat_template).read_text() if options.chat_template else stored_template or DEFAULT_CHAT_TEMPLATE
     config = ServeConfig(model_name=name, keys=keys, auth=not options.insecure_no_auth,
                          requests_per_minute=options.requests_per_minute, tokens_per_minute=options.tokens_per_minute,
                          max_body_bytes=options.max_body_bytes, metrics_public=options.metrics_public,
                          log_prompts=options.log_prompts, chat_template=template,
-                         chat_stops=[] if options.chat_template else ServeConfig().chat_stops)
-    return create_app(build_engine(options), config)
+                         chat_stops=[] if options.chat_template or stored_template else ServeConfig().chat_stops)
+    return create_app(engine, config, start_engine=False)
 
 
 def serve(options: ServeOptions) -> None:
-    """Run until SIGINT/SIGTERM; on either, stop accepting, let in-flight requests finish for up to
-    ``graceful_shutdown_seconds``, then stop the engine and return (exit code 0)."""
+    """Serve until SIGINT/SIGTERM; then stop accepting, let in-flight requests finish for up to
+    ``graceful_shutdown_seconds``, stop the engine and return (exit code 0).
+
+    The engine loop runs on this (main) thread and uvicorn's event loop in a second thread: the
+    main thread has run torch ops while loading, and torch work on any other thread would get a
+    second OpenMP team and half the decode speed on a small CPU (see Engine).
+    """
     import uvicorn
 
     tune_allocator()
@@ -92,13 +100,26 @@ def serve(options: ServeOptions) -> None:
     if bool(options.ssl_certfile) != bool(options.ssl_keyfile):
         raise ValueError("TLS needs both --ssl-certfile and --ssl-keyfile")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = build_app(options)
+    engine, checkpoint_config = build_engine(options)
+    app = build_app(options, engine, checkpoint_config.get("meta", {}).get("chat_template"))
+    server = uvicorn.Server(uvicorn.Config(app, host=options.host, port=options.port, ssl_certfile=options.ssl_certfile,
+                                           ssl_keyfile=options.ssl_keyfile, access_log=False, log_level="info",
+                                           timeout_graceful_shutdown=options.graceful_shutdown_seconds))
+
+    def request_exit(signum, frame) -> None:
+        server.should_exit = True   # uvicorn drains, then its lifespan shutdown stops the engine
+    signal.signal(signal.SIGTERM, request_exit)
+    signal.signal(signal.SIGINT, request_exit)
+
+    http = threading.Thread(target=server.run, name="uvicorn")
+
+    def watch_http() -> None:   # if uvicorn fails to start (port taken ...), stop the engine too
+        http.join()
+        engine.shutdown()
     scheme = "https" if options.ssl_certfile else "http"
     print(f"serving {options.checkpoint} at {scheme}://{options.host}:{options.port} "
           f"(OpenAI API under /v1, playground at /)", flush=True)
-    # uvicorn drains on SIGTERM and then raises the signal again, which would end the process
-    # with -15; a no-op handler underneath it makes a clean drain exit 0, as supervisors expect.
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    uvicorn.Server(uvicorn.Config(app, host=options.host, port=options.port, ssl_certfile=options.ssl_certfile,
-                                  ssl_keyfile=options.ssl_keyfile, access_log=False, log_level="info",
-                                  timeout_graceful_shutdown=options.graceful_shutdown_seconds)).run()
+    http.start()
+    threading.Thread(target=watch_http, name="http-watch", daemon=True).start()
+    engine.run()
+    http.join()

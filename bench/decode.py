@@ -1,0 +1,134 @@
+"""Single-stream decode speed: gptstack's engine against transformers and CTranslate2, same weights.
+
+A model of the chosen preset (default `gpt2`, 124M parameters) is initialised from a fixed seed,
+saved as a gptstack checkpoint, exported to the Hugging Face format and converted for CTranslate2.
+Each implementation decodes greedily from the same 32-token prompt, exactly N new tokens. Decode
+rate = (N - 1) / (time for N tokens - time for 1 token), so prefill is left out on every side.
+
+    python bench/decode.py [--preset gpt2] [--new-tokens 128] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from gptstack.checkpoint import load_model, save_checkpoint
+from gptstack.config import preset
+from gptstack.inference.engine import Engine, EngineConfig
+from gptstack.inference.quantize import quantize_int8
+from gptstack.inference.sampling import SamplingParams
+from gptstack.interop.hf import export_hf
+from gptstack.model import GPT
+from gptstack.runtime import tune_allocator
+from gptstack.tokenizer import load_tokenizer
+
+
+def best_of(repeats: int, fn) -> float:
+    return min(fn() for _ in range(repeats))
+
+
+def decode_rate(run, new_tokens: int, repeats: int) -> float:
+    """Tokens/s of the decode phase: (N - 1) tokens in the time N tokens take beyond 1 token."""
+    run(2)   # warm-up
+    full = best_of(repeats, lambda: timed(run, new_tokens))
+    first = best_of(repeats, lambda: timed(run, 1))
+    return (new_tokens - 1) / (full - first)
+
+
+def timed(run, n: int) -> float:
+    start = time.perf_counter()
+    run(n)
+    return time.perf_counter() - start
+
+
+def gptstack_runner(checkpoint: Path, prompt: list[int], dtype: torch.dtype, int8: bool):
+    model, tokenizer, _ = load_model(checkpoint, dtype=dtype)
+    if int8:
+        model = quantize_int8(model)
+    engine = Engine(model, tokenizer, EngineConfig(max_batch_size=1))
+
+    def run(n: int) -> None:   # generate() runs the engine loop in this (main) thread
+        result = engine.generate([prompt], SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True))[0]
+        assert len(result.token_ids) == n
+    return run
+
+
+def transformers_runner(hf_dir: Path, prompt: list[int], dtype: torch.dtype):
+    import transformers
+    model = transformers.GPT2LMHeadModel.from_pretrained(hf_dir, dtype=dtype).eval()
+    ids = torch.tensor([prompt])
+
+    def run(n: int) -> None:
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        assert out.shape[1] == len(prompt) + n
+    return run
+
+
+def ctranslate2_runner(hf_dir: Path, work: Path, prompt: list[int], compute_type: str):
+    import ctranslate2
+    import transformers
+    out = work / "ct2"
+    if not out.exists():
+        ctranslate2.converters.TransformersConverter(str(hf_dir)).convert(str(out), quantization=None)
+    generator = ctranslate2.Generator(str(out), device="cpu", compute_type=compute_type,
+                                      intra_threads=torch.get_num_threads())
+    tokens = transformers.AutoTokenizer.from_pretrained(hf_dir).convert_ids_to_tokens(prompt)
+
+    def run(n: int) -> None:
+        result = generator.generate_batch([tokens], max_length=n, min_length=n, sampling_topk=1,
+                                          include_prompt_in_result=False)
+        assert len(result[0].sequences_ids[0]) == n
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="gpt2")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip", default="", help="comma-separated: transformers,ctranslate2")
+    args = parser.parse_args()
+    tune_allocator()
+    torch.manual_seed(0)
+    skip = set(filter(None, args.skip.split(",")))
+    cfg = preset(args.preset).model
+    cfg.embd_pdrop = cfg.attn_pdrop = cfg.resid_pdrop = 0.0
+    tokenizer = load_tokenizer("gpt2")
+    prompt = tokenizer.encode("ROMEO:\nBut soft, what light through yonder window breaks? It is the east, and Juliet "
+                              "is the sun. Arise, fair sun, and kill the")[:32]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        save_checkpoint(work / "ck", GPT(cfg), tokenizer)
+        export_hf(work / "ck", work / "hf")
+        n, r = args.new_tokens, args.repeats
+        for label, dtype, int8 in (("fp32", torch.float32, False), ("bf16", torch.bfloat16, False),
+                                   ("int8 weights", torch.float32, True)):
+            rows.append(("gptstack engine", label, decode_rate(gptstack_runner(work / "ck", prompt, dtype, int8), n, r)))
+        if "transformers" not in skip:
+            for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+                rows.append(("transformers generate()", label, decode_rate(transformers_runner(work / "hf", prompt, dtype), n, r)))
+        if "ctranslate2" not in skip:
+            for label, compute in (("fp32", "float32"), ("int8 weights", "int8_float32")):
+                rows.append(("ctranslate2 Generator", label, decode_rate(ctranslate2_runner(work / "hf", work, prompt, compute), n, r)))
+
+    reference = next((rate for impl, label, rate in rows if impl.startswith("transformers") and label == "fp32"), None)
+    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"model: {args.preset} ({GPT(cfg).num_parameters() / 1e6:.1f}M parameters), prompt {len(prompt)} tokens, "
+          f"{n} new tokens greedy, batch 1, best of {r}\n")
+    print("| implementation | weights | decode tokens/s | vs transformers fp32 |")
+    print("|---|---|---:|---:|")
+    for impl, label, rate in rows:
+        ratio = f"{rate / reference:.2f}x" if reference else "n/a"
+        print(f"| {impl} | {label} | {rate:,.1f} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
