@@ -258,36 +258,52 @@ def create_app(engine: Engine, config: ServeConfig, start_engine: bool = True) -
     def sse(payload: dict | str) -> str:
         return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
-    async def stream(handles: list[RequestHandle], chunk, final_usage) -> AsyncIterator[str]:
-        """Interleave the events of several handles as SSE chunks; cancel all if the client leaves."""
-        queue: asyncio.Queue = asyncio.Queue()
-        prompt_tokens, completion_tokens = [0], [0]
+    def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
 
-        async def pump(index, handle):
-            async for event in timed_events(handle):
-                await queue.put((index, event))
-            await queue.put((index, None))
+    def head(prefix: str, obj: str) -> dict:
+        return {"id": f"{prefix}-{secrets.token_hex(12)}", "object": obj, "created": int(time.time()),
+                "model": config.model_name}
 
-        tasks = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(handles)]
-        try:
-            remaining = len(handles)
-            while remaining:
-                index, event = await queue.get()
-                if event is None:
-                    remaining -= 1
-                    continue
-                if event.finish_reason is not None:
-                    prompt_tokens[0] = event.prompt_tokens
-                    completion_tokens[0] += event.completion_tokens
-                yield sse(chunk(index, event))
-            yield sse(final_usage(prompt_tokens[0], completion_tokens[0]))
-            yield sse("[DONE]")
-        finally:
-            for h in handles:
-                if not h.finished:
-                    h.cancel()
-            for t in tasks:
-                t.cancel()
+    def streaming_response(handles: list[RequestHandle], head: dict, choice) -> StreamingResponse:
+        """SSE: one chunk per event (``choice(index, event)`` builds its choice), then a usage chunk
+        and ``data: [DONE]``. Every engine request is cancelled if the client leaves first."""
+        async def events() -> AsyncIterator[str]:
+            queue: asyncio.Queue = asyncio.Queue()
+            prompt_tokens = completion_tokens = 0
+
+            async def pump(index, handle):
+                async for event in timed_events(handle):
+                    await queue.put((index, event))
+                await queue.put((index, None))
+
+            tasks = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(handles)]
+            try:
+                remaining = len(handles)
+                while remaining:
+                    index, event = await queue.get()
+                    if event is None:
+                        remaining -= 1
+                        continue
+                    if event.finish_reason is not None:
+                        prompt_tokens += event.prompt_tokens
+                        completion_tokens += event.completion_tokens
+                    yield sse({**head, "choices": [choice(index, event)]})
+                yield sse({**head, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+                yield sse("[DONE]")
+            finally:
+                for h in handles:
+                    if not h.finished:
+                        h.cancel()
+                for t in tasks:
+                    t.cancel()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    def non_streaming_usage(results: list[list[TokenEvent]]) -> dict:
+        return usage(sum(events[-1].prompt_tokens for events in results),
+                     sum(events[-1].completion_tokens for events in results))
 
     # --- routes ---------------------------------------------------------------------------------------
     @app.get("/health")
@@ -347,7 +363,6 @@ def create_app(engine: Engine, config: ServeConfig, start_engine: bool = True) -
         pairs = [(ids, sampling(body, max_tokens, body.stop, body.logprobs, i))
                  for ids in prompts for i in range(body.n)]
         handles = admit(request, [p for p, _ in pairs], [s for _, s in pairs])
-        rid, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
         echo = [tokenizer.decode(ids) if body.echo else "" for ids, _ in pairs]
 
         def completion_logprobs(events: list[TokenEvent]):
@@ -363,34 +378,22 @@ def create_app(engine: Engine, config: ServeConfig, start_engine: bool = True) -
                     "top_logprobs": [{token_text(t): lp for t, lp in (e.top_logprobs or [])} for e in events],
                     "text_offset": offsets}
 
+        response_head = head("cmpl", "text_completion")
         if body.stream:
             first = [True] * len(handles)
 
-            def chunk(index: int, event: TokenEvent) -> dict:
+            def choice(index: int, event: TokenEvent) -> dict:
                 text = (echo[index] if first[index] else "") + event.text
                 first[index] = False
-                return {"id": rid, "object": "text_completion", "created": created, "model": config.model_name,
-                        "choices": [{"index": index, "text": text, "finish_reason": event.finish_reason,
-                                     "logprobs": completion_logprobs([event])}]}
+                return {"index": index, "text": text, "finish_reason": event.finish_reason,
+                        "logprobs": completion_logprobs([event])}
 
-            def final(prompt_tokens: int, completion_tokens: int) -> dict:
-                return {"id": rid, "object": "text_completion", "created": created, "model": config.model_name,
-                        "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                                 "total_tokens": prompt_tokens + completion_tokens}}
-
-            return StreamingResponse(stream(handles, chunk, final), media_type="text/event-stream")
+            return streaming_response(handles, response_head, choice)
 
         results = await collect(request, handles)
         choices = [{"index": i, "text": echo[i] + "".join(e.text for e in events), "finish_reason": events[-1].finish_reason,
                     "logprobs": completion_logprobs(events)} for i, events in enumerate(results)]
-        return {"id": rid, "object": "text_completion", "created": created, "model": config.model_name,
-                "choices": choices, "usage": usage_for(results, prompts, body.n)}
-
-    def usage_for(results, prompts, n) -> dict:
-        prompt_tokens = sum(len(p) for p in prompts) * n
-        completion = sum(events[-1].completion_tokens for events in results)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                "total_tokens": prompt_tokens + completion}
+        return {**response_head, "choices": choices, "usage": non_streaming_usage(results)}
 
     def prompt_ids(prompt) -> list[list[int]]:
         if isinstance(prompt, str):
@@ -414,11 +417,11 @@ def create_app(engine: Engine, config: ServeConfig, start_engine: bool = True) -
         logprobs = (top or 0) if body.logprobs else None
         params = [sampling(body, max_tokens, body.stop + config.chat_stops, logprobs, i) for i in range(body.n)]
         handles = admit(request, [ids] * body.n, params)
-        rid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
 
         def chat_logprobs(events: list[TokenEvent]):
             if not body.logprobs:
                 return None
+
             def entry(token_id, logprob):
                 text = token_text(token_id)
                 return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
@@ -426,28 +429,22 @@ def create_app(engine: Engine, config: ServeConfig, start_engine: bool = True) -
                                  "top_logprobs": [entry(t, lp) for t, lp in (e.top_logprobs or [])]}
                                 for e in events if e.token_id is not None and e.logprob is not None]}
 
+        response_head = head("chatcmpl", "chat.completion")
         if body.stream:
             first = [True] * len(handles)
 
-            def chunk(index: int, event: TokenEvent) -> dict:
+            def choice(index: int, event: TokenEvent) -> dict:
                 delta = {"role": "assistant", "content": event.text} if first[index] else {"content": event.text}
                 first[index] = False
-                return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": config.model_name,
-                        "choices": [{"index": index, "delta": delta, "finish_reason": event.finish_reason,
-                                     "logprobs": chat_logprobs([event])}]}
+                return {"index": index, "delta": delta, "finish_reason": event.finish_reason,
+                        "logprobs": chat_logprobs([event])}
 
-            def final(prompt_tokens: int, completion_tokens: int) -> dict:
-                return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": config.model_name,
-                        "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                                 "total_tokens": prompt_tokens + completion_tokens}}
-
-            return StreamingResponse(stream(handles, chunk, final), media_type="text/event-stream")
+            return streaming_response(handles, {**response_head, "object": "chat.completion.chunk"}, choice)
 
         results = await collect(request, handles)
         choices = [{"index": i, "message": {"role": "assistant", "content": "".join(e.text for e in events)},
                     "finish_reason": events[-1].finish_reason, "logprobs": chat_logprobs(events)}
                    for i, events in enumerate(results)]
-        return {"id": rid, "object": "chat.completion", "created": created, "model": config.model_name,
-                "choices": choices, "usage": usage_for(results, [ids], body.n)}
+        return {**response_head, "choices": choices, "usage": non_streaming_usage(results)}
 
     return app
