@@ -135,3 +135,12 @@ def test_train_cli_bad_input_is_explained(tmp_path, shakespeare):
     assert proc.returncode == 2 and "learning_rate must be of type float" in proc.stderr
     proc = run_cli("train", "--config", str(tmp_path / "nope.yaml"))
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_activation_checkpointing_gives_the_same_training(shakespeare, tmp_path):
+    common = dict(max_steps=3, eval_interval=100)
+    train(build_train_config(overrides=tiny_overrides(shakespeare, tmp_path / "plain", **common)))
+    train(build_train_config(overrides=tiny_overrides(shakespeare, tmp_path / "ckpt", activation_checkpointing=True,
+                                                      **common)))
+    losses = [[r["loss"] for r in read_metrics(tmp_path / d / "metrics.jsonl") if "loss" in r] for d in ("plain", "ckpt")]
+    assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], rel=1e-6)
