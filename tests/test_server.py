@@ -269,3 +269,9 @@ def test_default_chat_template_renders_roles(server):
     tokens = r.json()["tokens"]
     r = httpx.post(server.url + "/detokenize", headers=server.headers, json={"tokens": tokens})
     assert r.json()["prompt"] == "Be brief.\n\nUser: Hi\nAssistant:"
+
+
+def test_port_in_use_is_a_clear_error(server, tiny_checkpoint):
+    from conftest import run_cli
+    proc = run_cli("serve", "--checkpoint", str(tiny_checkpoint), "--port", str(server.port), "--api-key", "k")
+    assert proc.returncode == 2 and "could not start" in proc.stderr and "Traceback" not in proc.stderr

@@ -123,3 +123,6 @@ def serve(options: ServeOptions) -> None:
     threading.Thread(target=watch_http, name="http-watch", daemon=True).start()
     engine.run()
     http.join()
+    if not server.started:
+        raise ValueError(f"the server could not start on {options.host}:{options.port} (see the log above; "
+                         "is the port in use? pass --port)")
