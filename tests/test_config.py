@@ -42,6 +42,7 @@ def test_model_info_cli_json_for_175b_without_allocating():
     assert info["flops_per_token_train"] == 3 * info["flops_per_token_forward"]
     assert info["flops_per_token_forward"] > 2 * info["parameters"] * 0.99
     assert info["kv_cache_bytes_per_token"]["bf16"] == 2 * 96 * 12288 * 2
+    assert info["learning_rate"] == 0.6e-4 and info["batch_tokens"] == 3_200_000
     human = run_cli("model-info", "gpt3-small", check=True).stdout
     assert "125.2M parameters" in human and "KV cache" in human
 
@@ -83,6 +84,12 @@ def test_yaml_and_overrides(tmp_path):
 def test_bad_config_values_are_named(overrides, message):
     with pytest.raises(ConfigError, match=message):
         build_train_config(None, {"data": "x", **overrides})
+
+
+def test_preset_learning_rate_is_the_default():
+    assert build_train_config(None, {"data": "x", "preset": "gpt3-xl"}).peak_learning_rate == 2.0e-4
+    assert build_train_config(None, {"data": "x", "preset": "gpt2"}).peak_learning_rate == 6e-4
+    assert build_train_config(None, {"data": "x", "preset": "gpt3-xl", "learning_rate": "1e-3"}).peak_learning_rate == 1e-3
 
 
 def test_every_preset_is_valid():

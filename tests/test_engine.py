@@ -100,6 +100,22 @@ def test_penalties_follow_openai_and_ctrl_rules():
     assert out.tolist() == [[0.0, -4.75, 1.0, 0.25]]
 
 
+def test_penalties_change_what_the_engine_generates(engine):
+    """Greedy text from a small model repeats itself; penalties in a mixed batch cut the repeats
+    of the penalised request only."""
+    plain = SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True)
+    penalised = SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True, frequency_penalty=2.0,
+                               presence_penalty=1.0, repetition_penalty=1.5)
+    alone = engine.generate(["ROMEO:"], plain)[0]
+    with_penalty, beside = [], []
+    for i in range(2):   # the same two requests, each in a batch with the other
+        handles = [engine.submit(engine.tokenizer.encode("ROMEO:"), p) for p in (penalised, plain)]
+        with_penalty.append([e.token_id for e in handles[0] if e.token_id is not None])
+        beside.append([e.token_id for e in handles[1] if e.token_id is not None])
+    assert len(set(with_penalty[0])) > len(set(alone.token_ids))
+    assert beside[0] == alone.token_ids and with_penalty[0] == with_penalty[1]
+
+
 def perplexity(model, dataset) -> float:
     total, count = 0.0, 0
     with torch.no_grad():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from .checkpoint import CheckpointError
 from .config import ConfigError
@@ -48,9 +47,11 @@ def cmd_train_tokenizer(args) -> None:
 
 def cmd_model_info(args) -> None:
     from .config import model_info, preset
-    info = model_info(preset(args.preset).model)
+    chosen = preset(args.preset)
+    info = model_info(chosen.model)
     if args.json:
-        print(json.dumps({"preset": args.preset, **info}))
+        print(json.dumps({"preset": args.preset, "learning_rate": chosen.learning_rate,
+                          "batch_tokens": chosen.batch_tokens, **info}))
         return
     gib = 1024 ** 3
     print(f"{args.preset}: {info['parameters'] / 1e6:,.1f}M parameters "
@@ -61,6 +62,9 @@ def cmd_model_info(args) -> None:
           f"training {info['flops_per_token_train'] / 1e9:,.3f} G")
     print(f"  weights: fp32 {info['weights_bytes']['fp32'] / gib:,.2f} GiB, bf16 {info['weights_bytes']['bf16'] / gib:,.2f} GiB")
     print(f"  AdamW state {info['adamw_state_bytes'] / gib:,.2f} GiB, fp32 grads {info['grad_bytes_fp32'] / gib:,.2f} GiB")
+    if chosen.batch_tokens:
+        print(f"  trained in the paper with batch {chosen.batch_tokens:,} tokens, learning rate {chosen.learning_rate:g} "
+              f"({chosen.note})")
     print(f"  KV cache per token: bf16 {info['kv_cache_bytes_per_token']['bf16'] / 1024:,.1f} KiB; "
           f"full context: bf16 {info['kv_cache_bytes_full_context']['bf16'] / gib:,.3f} GiB per sequence")
 

@@ -152,7 +152,7 @@ class TrainConfig:
 
     # optimizer and schedule (GPT-3: Adam beta2 0.95, eps 1e-8, wd 0.1, clip 1.0, cosine to 10%)
     optimizer: str = "adamw"
-    learning_rate: float = 6e-4
+    learning_rate: float | None = None  # None = the preset's (GPT-3: Table 2.1), else 6e-4
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
     lr_decay: str = "cosine"            # "cosine" | "linear" | "constant"
@@ -180,6 +180,10 @@ class TrainConfig:
     progress: bool = True
     peak_flops: float = 0.0             # for MFU; 0 = measure this device's matmul rate once at start
 
+    @property
+    def peak_learning_rate(self) -> float:
+        return self.learning_rate or preset(self.preset).learning_rate or 6e-4
+
     def model_config(self, vocab_size: int | None = None) -> ModelConfig:
         base = dataclasses.replace(preset(self.preset).model)
         known = {f.name for f in fields(ModelConfig)}
@@ -201,7 +205,8 @@ class TrainConfig:
         for name in ("max_steps", "warmup_steps", "lr_decay_steps", "batch_rampup_steps", "checkpoint_interval"):
             _require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         _require(self.max_steps > 0 or self.max_epochs > 0, "set max_steps > 0 or max_epochs > 0")
-        _require(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
+        _require(self.learning_rate is None or self.learning_rate > 0,
+                 f"learning_rate must be > 0, got {self.learning_rate}")
         _require(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         _require(self.lr_decay in ("cosine", "linear", "constant"),
                  f"lr_decay must be 'cosine', 'linear' or 'constant', got {self.lr_decay!r}")
@@ -301,6 +306,8 @@ def _coerce(value: Any, hint, name: str):
             return value
         raise ConfigError(f"{name} must be a mapping, got {value!r}")
     if origin is not None and type(None) in get_args(hint):
+        if value is None or str(value).lower() in ("none", "null"):
+            return None
         hint = next(a for a in get_args(hint) if a is not type(None))
     try:
         if hint is bool:

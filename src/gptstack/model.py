@@ -90,24 +90,32 @@ class CausalSelfAttention(nn.Module):
         self.attn_pdrop = cfg.attn_pdrop
         self.resid_dropout = nn.Dropout(cfg.resid_pdrop)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+    def mask(self, positions: torch.Tensor, T: int, cached: bool) -> torch.Tensor | None:
+        """This layer's attention mask; None where plain causal attention (is_causal) is exact."""
+        if not cached:
+            if self.band_width is None or self.band_width >= T:
+                return None
+            positions = torch.arange(T, device=positions.device)[None]
+        return attention_mask(positions, int(positions.max()) + 1, self.band_width)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None, cache: KVCache | None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask`` as made by :meth:`mask` (GPT builds it once per forward, not per layer);
+        built here when not given."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
         dropout = self.attn_pdrop if self.training else 0.0
+        if mask is None and (cache is not None or self.band_width is not None):
+            mask = self.mask(positions if positions is not None else torch.arange(T, device=x.device)[None],
+                             T, cache is not None)
 
         if cache is None:
-            if self.band_width is None or self.band_width >= T:
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-            else:
-                mask = attention_mask(torch.arange(T, device=x.device)[None], T, self.band_width)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
         else:
             # Write this step's keys/values at their absolute positions, then attend over the
             # cache up to the furthest position in the batch (rows mask out what is not theirs).
-            k_len = int(positions.max()) + 1
-            keys, values = cache.update(self.layer, positions, k, v, k_len)
-            mask = attention_mask(positions, k_len, self.band_width)
+            keys, values = cache.update(self.layer, positions, k, v, mask.shape[-1])
             y = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, dropout_p=dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -135,8 +143,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), positions, cache)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), positions, cache, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -183,11 +192,16 @@ class GPT(nn.Module):
         elif cache is not None and int(positions.max()) >= cache.max_len:
             raise ValueError(f"position {int(positions.max())} is past the KV cache length {cache.max_len}")
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
+        # Masks depend only on positions and the layer kind: build each kind once per forward.
+        masks = {}
         for block in self.transformer.h:
+            kind = block.attn.band_width
+            if kind not in masks:
+                masks[kind] = block.attn.mask(positions, T, cache is not None)
             if self.activation_checkpointing and self.training and cache is None:
-                x = torch.utils.checkpoint.checkpoint(block, x, positions, None, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, positions, None, masks[kind], use_reentrant=False)
             else:
-                x = block(x, positions, cache)
+                x = block(x, positions, cache, masks[kind])
         return self.transformer.ln_f(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,

@@ -35,7 +35,6 @@ class Tokenizer(Protocol):
     def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
     def decode(self, ids: Iterable[int]) -> str: ...
     def token_bytes(self, token_id: int) -> bytes | None: ...
-    def spec(self) -> dict: ...
     def save(self, directory: Path) -> dict: ...
 
 
@@ -72,11 +71,9 @@ class GPT2Tokenizer:
     def token_bytes(self, token_id: int) -> bytes:
         return self._enc.decode_single_token_bytes(token_id)
 
-    def spec(self) -> dict:
-        return {"kind": "gpt2"}
-
     def save(self, directory: Path) -> dict:
-        return self.spec()
+        """The spec to store beside data written to ``directory`` (the BPE ships with the package)."""
+        return {"kind": "gpt2"}
 
 
 class HFTokenizer:
@@ -125,9 +122,6 @@ class HFTokenizer:
         if token_id in self._special_ids:
             return piece.encode()
         return bytes(self._byte_decoder[ch] for ch in piece)
-
-    def spec(self) -> dict:
-        return {"kind": "hf", "path": str(self.path), "eot_token": self.eot_token}
 
     def save(self, directory: Path) -> dict:
         target = Path(directory) / "tokenizer.json"

@@ -330,9 +330,9 @@ class Engine:
 
     def _admit(self, request: _Request) -> None:
         request.slot = self._free.pop(0)
-        self._counts[request.slot].zero_()
-        self._seen[request.slot].zero_()
-        if request.params.repetition_penalty != 1:
+        if request.params.has_penalties:
+            self._counts[request.slot].zero_()
+            self._seen[request.slot].zero_()
             self._seen[request.slot, torch.tensor(request.prompt, device=self.device)] = True
         self._active.append(request)
 
@@ -358,9 +358,12 @@ class Engine:
         """Sample one token for each request of the batch and hand it to its consumer."""
         logits = logits.float()
         params = [r.params for r in batch]
-        rows = torch.tensor([r.slot for r in batch], device=self.device)
         raw_logprobs = logits.log_softmax(dim=-1) if any(p.logprobs is not None for p in params) else None
-        if any(p.has_penalties for p in params):
+        # Penalty state is kept (and paid for in the decode loop) only for requests that use it.
+        penalised = torch.tensor([i for i, p in enumerate(params) if p.has_penalties], dtype=torch.long,
+                                 device=self.device)
+        if len(penalised):
+            rows = torch.tensor([r.slot for r in batch], device=self.device)
             f = lambda name: torch.tensor([getattr(p, name) for p in params], device=self.device)
             logits = apply_penalties(logits, self._counts[rows], self._seen[rows], f("presence_penalty"),
                                      f("frequency_penalty"), f("repetition_penalty"))
@@ -370,8 +373,9 @@ class Engine:
                         torch.tensor([p.top_p for p in params], device=self.device),
                         [r.generator for r in batch],
                         torch.tensor([p.min_p for p in params], device=self.device))
-        self._counts[rows, tokens] += 1
-        self._seen[rows, tokens] = True
+        if len(penalised):
+            self._counts[rows[penalised], tokens[penalised]] += 1
+            self._seen[rows[penalised], tokens[penalised]] = True
         self.stats["generated_tokens"] += len(batch)
         for i, (request, token) in enumerate(zip(batch, tokens.tolist())):
             logprob = top = None

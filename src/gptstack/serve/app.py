@@ -197,7 +197,7 @@ def create_app(engine: Engine, config: ServeConfig, start_engine: bool = True) -
             try:
                 engine.check(ids, p)
             except ValueError as exc:
-                raise APIError(400, str(exc), param="prompt" if ids else "max_tokens") from None
+                raise APIError(400, str(exc), param="prompt") from None
         tokens = sum(len(ids) + p.max_new_tokens for ids, p in zip(prompts, params))
         if limiter.exceeds_capacity(tokens):
             raise APIError(400, f"this request needs {tokens} tokens, more than the per-minute limit of "

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import load_model, load_train_state, save_checkpoint, unwrap
+from ..checkpoint import load_model, load_train_state, save_checkpoint
 from ..config import TrainConfig, model_info, to_dict
 from ..data.loader import BatchSampler, TokenDataset, eval_batches, read_manifest
 from ..data.prepare import MANIFEST, prepare
@@ -165,15 +165,17 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo) -> TrainResult:
         return (total / count).item()
 
     def checkpoint(name: str, val_loss: float | None) -> None:
-        rng = distributed.gather_objects({"cpu": torch.get_rng_state(),
-                                          "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}, info)
+        """Rank 0 writes; every rank calls it (with the same name), as the RNG gather is collective."""
+        train_state = None
+        if name == "last":
+            rng = distributed.gather_objects({"cpu": torch.get_rng_state(),
+                                              "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+                                             info)
+            train_state = {"step": step, "best_val_loss": best_val, "optimizer": optimizer.state_dict(),
+                           "scaler": scaler.state_dict() if scaler.is_enabled() else None, "rng": rng,
+                           "data": {"seed": cfg.seed, "next_step": step}}
         if info.is_main:
             meta = {"step": step, "val_loss": val_loss, "train_config": to_dict(cfg)}
-            train_state = None
-            if name == "last":
-                train_state = {"step": step, "best_val_loss": best_val, "optimizer": optimizer.state_dict(),
-                               "scaler": scaler.state_dict() if scaler.is_enabled() else None, "rng": rng,
-                               "data": {"seed": cfg.seed, "next_step": step}}
             save_checkpoint(out / name, model, tokenizer, meta=meta, train_state=train_state)
         distributed.barrier(info)
 

@@ -18,12 +18,13 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
     groups = [{"params": decay, "weight_decay": cfg.weight_decay if cfg.optimizer == "adamw" else 0.0},
               {"params": no_decay, "weight_decay": 0.0}]
     fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
+    return torch.optim.AdamW(groups, lr=cfg.peak_learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
 
 
 def learning_rate(step: int, cfg: TrainConfig, total_steps: int) -> float:
-    """Linear warmup to ``learning_rate``, then cosine/linear decay to ``min_lr_ratio`` of it."""
-    peak, floor = cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio
+    """Linear warmup to the peak rate, then cosine/linear decay to ``min_lr_ratio`` of it."""
+    peak = cfg.peak_learning_rate
+    floor = peak * cfg.min_lr_ratio
     if step < cfg.warmup_steps:
         return peak * (step + 1) / cfg.warmup_steps
     if cfg.lr_decay == "constant":
