@@ -2,9 +2,13 @@
 
 Layout (format_version 1)::
 
-    DIR/config.json          {"format_version", "model": ModelConfig, "tokenizer": spec, "meta": {...}}
+    DIR/config.json          {"format_version", "model": ModelConfig, "tokenizer": spec, "meta": {...},
+                              optional "head": {"kind": "classification", "labels": [...]},
+                              optional "adapter": LoRAConfig}
     DIR/model.safetensors    weights (the LM head is tied to transformer.wte and not stored twice)
     DIR/tokenizer.json       only for Hugging Face tokenizers
+    DIR/adapter.safetensors  optional: LoRA adapters kept apart from the base weights; their shape
+                             is config.json["adapter"] (see lora.py)
     DIR/train_state.safetensors + DIR/train_state.json   optional: optimizer, RNG, step, data position
     DIR/checksums.json       SHA-256 of every file above, verified on load
 
@@ -27,6 +31,8 @@ from safetensors.torch import load_file, save_file
 
 from .files import fsync_path, sha256_file
 from .config import ConfigError, ModelConfig, from_dict
+from .heads import SequenceClassifier
+from .lora import LoRAConfig, add_lora, is_lora_key, merge_lora
 from .model import GPT
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -38,20 +44,28 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, corrupted or of an unknown format; the message says how to proceed."""
 
 
-def save_checkpoint(directory: str | Path, model: GPT, tokenizer: Tokenizer, meta: dict | None = None,
-                    train_state: dict | None = None, extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+def save_checkpoint(directory: str | Path, model: GPT | SequenceClassifier, tokenizer: Tokenizer,
+                    meta: dict | None = None, train_state: dict | None = None) -> Path:
     """Write a checkpoint atomically. ``train_state`` is any nested dict of tensors and JSON values
-    (optimizer state dicts, RNG states, counters); ``extra_tensors`` are stored beside the weights
-    (e.g. a classification head)."""
+    (optimizer state dicts, RNG states, counters). A classifier's head is stored beside the weights;
+    unmerged LoRA adapters go to their own file."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        state = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items() if k not in TIED_KEYS}
-        state.update({k: v.detach().contiguous().cpu() for k, v in (extra_tensors or {}).items()})
-        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-        config = {"format_version": FORMAT_VERSION, "model": _asdict(unwrap(model).config),
+        classifier = model if isinstance(model, SequenceClassifier) else None
+        gpt = unwrap(classifier.gpt if classifier else model)
+        state = {k: v.detach().contiguous().cpu() for k, v in gpt.state_dict().items() if k not in TIED_KEYS}
+        adapter = {k: state.pop(k) for k in [k for k in state if is_lora_key(k)]}
+        config = {"format_version": FORMAT_VERSION, "model": _asdict(gpt.config),
                   "tokenizer": tokenizer.save(tmp), "meta": meta or {}}
+        if classifier is not None:
+            state.update({k: v.detach().contiguous().cpu() for k, v in classifier.head_state().items()})
+            config["head"] = {"kind": "classification", "labels": classifier.labels}
+        if adapter:
+            save_file(adapter, tmp / "adapter.safetensors", metadata={"format": "pt"})
+            config["adapter"] = gpt.lora_config
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         if train_state is not None:
             tensors, skeleton = split_tensors(train_state)
@@ -121,8 +135,9 @@ def verify(directory: str | Path) -> dict:
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None) -> tuple[GPT, Tokenizer, dict]:
-    """Model (in eval mode), tokenizer and config.json of a checkpoint."""
+               dtype: torch.dtype | None = None, merge_adapter: bool = True) -> tuple[GPT, Tokenizer, dict]:
+    """Model (in eval mode), tokenizer and config.json of a checkpoint. LoRA adapters stored apart
+    are merged into the weights unless ``merge_adapter`` is False."""
     directory = Path(directory)
     config = verify(directory)
     try:
@@ -138,14 +153,35 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu",
         raise CheckpointError(f"{directory}/model.safetensors lacks {sorted(missing)[:5]}...; it does not match its config")
     model.load_state_dict({k: state[k] for k in own}, strict=False, assign=True)
     model.lm_head.weight = model.transformer.wte.weight
+    if config.get("adapter"):
+        add_lora(model, LoRAConfig(**config["adapter"]))
+        adapter = load_weights(directory, "adapter.safetensors")
+        if set(adapter) != {k for k in model.state_dict() if is_lora_key(k)}:
+            raise CheckpointError(f"{directory}/adapter.safetensors does not match the adapter in its config.json")
+        model.load_state_dict(adapter, strict=False, assign=True)
     model.to(device=device, dtype=dtype)
+    if config.get("adapter") and merge_adapter:
+        merge_lora(model)
     tokenizer = load_tokenizer(config["tokenizer"], base_dir=directory)
     return model.eval(), tokenizer, config
 
 
-def load_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+def load_classifier(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                    merge_adapter: bool = True) -> tuple[SequenceClassifier, Tokenizer, dict]:
+    """A checkpoint written by a classification fine-tune: backbone plus head, in eval mode."""
+    model, tokenizer, config = load_model(directory, device, dtype, merge_adapter)
+    head = config.get("head")
+    if not head or head.get("kind") != "classification":
+        raise CheckpointError(f"{directory} has no classification head; fine-tune one with "
+                              "`gptstack finetune --task classification`")
+    classifier = SequenceClassifier(model, head["labels"])
+    classifier.load_head_state(load_weights(directory))
+    return classifier.to(device=device, dtype=dtype).eval(), tokenizer, config
+
+
+def load_weights(directory: str | Path, name: str = "model.safetensors") -> dict[str, torch.Tensor]:
     try:
-        return load_file(Path(directory) / "model.safetensors")
+        return load_file(Path(directory) / name)
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"cannot read {directory}/model.safetensors: {exc}") from None
 

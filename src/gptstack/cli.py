@@ -90,6 +90,48 @@ def cmd_train(args, extra: list[str]) -> None:
           f"(best {best}); checkpoints in {result.out_dir}/best and {result.out_dir}/last")
 
 
+def cmd_finetune(args, extra: list[str]) -> None:
+    from .adapt.finetune import FinetuneConfig, finetune
+    from .config import build_train_config
+    cfg = build_train_config(args.config, parse_overrides(extra), cls=FinetuneConfig)
+    result = finetune(cfg)
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if k != "step")
+    at = f" (best at step {result.metrics['step']})" if "step" in result.metrics else ""
+    print(f"done: {result.steps} steps, final train loss {result.final_loss:.4f}; validation: {scores or 'n/a'}{at}; "
+          f"checkpoints in {result.out_dir}/best and {result.out_dir}/last")
+
+
+def cmd_eval(args) -> None:
+    from pathlib import Path
+    from .evaluate.report import format_table, write_report
+    from .evaluate.tasks import EvalConfig, evaluate
+    cfg = EvalConfig(**{k: v for k, v in vars(args).items() if k in EvalConfig.__dataclass_fields__})
+    cfg.progress = not args.quiet
+    results = evaluate(cfg)
+    print(format_table(results))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.json}")
+    if args.report:
+        metrics = Path(args.checkpoint).resolve().parent / "metrics.jsonl"
+        print(f"wrote {write_report(results, args.report, metrics if metrics.exists() else None)}")
+
+
+def cmd_tune(args) -> None:
+    from .tune import TuneConfig, tune
+    cfg = TuneConfig(**{k: v for k, v in vars(args).items() if k in TuneConfig.__dataclass_fields__})
+    cfg.progress = not args.quiet
+    result = tune(cfg)
+    print((result.out_dir / "summary.md").read_text())
+    if result.best_config is None:
+        print("no trial has completed yet; run the same command again to continue the study")
+        return
+    print(f"best value {result.best_value:.6g} with {result.best_params}")
+    print(f"wrote {result.best_config}, {result.out_dir}/summary.md, {result.out_dir}/study.json and plots "
+          f"in {result.out_dir}")
+
+
 def cmd_generate(args) -> None:
     from .checkpoint import load_model
     from .inference.generate import generate_text
@@ -159,6 +201,39 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="pretrain a GPT; any config key can be overridden as --key value")
     p.add_argument("--config", help="a YAML or JSON config file (NVIDIA-style GPT-3 keys accepted)")
 
+    p = sub.add_parser("finetune", help="adapt a checkpoint: classification or SFT, full / LoRA / frozen layers; "
+                                        "any config key as --key value")
+    p.add_argument("--config", help="a YAML or JSON fine-tuning config file")
+
+    p = sub.add_parser("eval", help="score a checkpoint: perplexity / bits per byte, accuracy / F1, or ROUGE")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True, help="text file or prepared dataset (lm); labelled .tsv/.csv/.jsonl "
+                                                 "(classification); prompt/response or chat .jsonl (generation)")
+    p.add_argument("--task", default="auto", choices=["auto", "lm", "classification", "generation"])
+    p.add_argument("--stride", type=int, default=0, help="lm: sliding-window step in tokens (0 = half the context)")
+    p.add_argument("--max-tokens", type=int, default=0, help="lm: score at most this many tokens (0 = all)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--text-field", default="")
+    p.add_argument("--label-field", default="label")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="generation: tokens per completion")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--report", help="write an .html or .png report with plots")
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("tune", help="search hyperparameters with Optuna; rerun the same command to resume")
+    p.add_argument("--space", required=True, help="the YAML search-space file (see configs/tune-demo.yaml)")
+    p.add_argument("--out", dest="out_dir", default="runs/tune")
+    p.add_argument("--storage", default="", help="database URL (default: sqlite:///OUT/study.db)")
+    p.add_argument("--study-name", default="")
+    p.add_argument("--n-trials", type=int, default=0, help="finished trials to reach (default: the space file's)")
+    p.add_argument("--n-jobs", type=int, default=1, help="trials in parallel, one process each")
+    p.add_argument("--heartbeat-interval", type=int, default=5)
+    p.add_argument("--grace-period", type=int, default=20, help="seconds without heartbeat before a trial counts as dead")
+    p.add_argument("--keep-last", action="store_true", help="keep each trial's last/ with its optimizer state")
+    p.add_argument("--quiet", action="store_true")
+
     p = sub.add_parser("generate", help="sample text from a checkpoint")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--prompt", default="\n")
@@ -209,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"tokenize": cmd_tokenize, "train-tokenizer": cmd_train_tokenizer, "model-info": cmd_model_info,
-            "prepare": cmd_prepare, "generate": cmd_generate, "export": cmd_export, "import": cmd_import,
+            "prepare": cmd_prepare, "eval": cmd_eval, "tune": cmd_tune, "generate": cmd_generate, "export": cmd_export, "import": cmd_import,
             "serve": cmd_serve}
 
 
@@ -218,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             cmd_train(args, extra)
+        elif args.command == "finetune":
+            cmd_finetune(args, extra)
         elif extra:
             raise ConfigError(f"unrecognised arguments: {' '.join(extra)}")
         else:

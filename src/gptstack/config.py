@@ -272,8 +272,9 @@ def load_config_file(path: str | Path) -> dict:
     return data
 
 
-def build_train_config(path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
-    """A TrainConfig from an optional file plus ``{"key": value}`` overrides (dotted keys allowed)."""
+def build_train_config(path: str | Path | None = None, overrides: dict | None = None, cls: type = TrainConfig):
+    """A TrainConfig (or a subclass such as FinetuneConfig) from an optional file plus
+    ``{"key": value}`` overrides (dotted keys allowed)."""
     raw = normalise_keys(load_config_file(path)) if path else {}
     for key, value in (overrides or {}).items():
         for k, v in normalise_keys({key: value}).items():
@@ -281,7 +282,7 @@ def build_train_config(path: str | Path | None = None, overrides: dict | None = 
                 raw.setdefault("model", {}).update(v)
             else:
                 raw[k] = v
-    return from_dict(TrainConfig, raw).validate()
+    return from_dict(cls, raw).validate()
 
 
 def from_dict(cls, raw: dict):

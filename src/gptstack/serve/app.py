@@ -23,6 +23,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..chat import DEFAULT_CHAT_STOPS, DEFAULT_CHAT_TEMPLATE
 from ..inference.engine import Engine, EngineStopped, QueueFull, RequestHandle, TokenEvent
 from ..inference.sampling import SamplingParams
 from .metrics import ServerMetrics
@@ -32,13 +33,6 @@ from .security import BodyLimitMiddleware, KeyStore, RateLimiter
 
 log = logging.getLogger("gptstack.serve")
 
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for m in messages %}"
-    "{% if m.role in ('system', 'developer') %}{{ m.content }}\n\n"
-    "{% else %}{{ m.role | capitalize }}: {{ m.content }}\n{% endif %}"
-    "{% endfor %}Assistant:"
-)
-DEFAULT_CHAT_STOPS = ["\nUser:", "\nSystem:"]
 PLAYGROUND = Path(__file__).with_name("playground.html")
 
 

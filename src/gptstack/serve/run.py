@@ -15,7 +15,8 @@ from ..checkpoint import load_model
 from ..inference.engine import Engine, EngineConfig
 from ..inference.quantize import quantize_int8
 from ..runtime import resolve_device, resolve_dtype, tune_allocator
-from .app import DEFAULT_CHAT_TEMPLATE, ServeConfig, create_app
+from ..chat import DEFAULT_CHAT_TEMPLATE
+from .app import ServeConfig, create_app
 from .security import KeyStore
 
 log = logging.getLogger("gptstack.serve")

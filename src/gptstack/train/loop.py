@@ -16,6 +16,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -30,7 +31,7 @@ from ..runtime import autocast, dtype_name, resolve_dtype, tune_allocator
 from ..tokenizer import load_tokenizer
 from . import distributed
 from .metrics import MetricsWriter, measure_peak_flops
-from .optim import build_optimizer, learning_rate, micro_batches
+from .optim import build_optimizer, clip_and_step, learning_rate, micro_batches, set_learning_rate
 
 
 @dataclass
@@ -72,17 +73,19 @@ def total_steps(cfg: TrainConfig, train_tokens: int, world_size: int, block_size
     return max(1, math.ceil(cfg.max_epochs * train_tokens / tokens_per_step))
 
 
-def train(cfg: TrainConfig) -> TrainResult:
+def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None) -> TrainResult:
+    """Run (or resume) a pretraining run; ``on_eval(step, {"val_loss": ...})`` is called after each
+    validation on every rank (tuning prunes there)."""
     cfg.validate()
     tune_allocator()
     info = distributed.setup(cfg.device)
     try:
-        return _train(cfg, info)
+        return _train(cfg, info, on_eval)
     finally:
         distributed.teardown(info)
 
 
-def _train(cfg: TrainConfig, info: distributed.DistInfo) -> TrainResult:
+def _train(cfg: TrainConfig, info: distributed.DistInfo, on_eval) -> TrainResult:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device, show = info.device, cfg.progress and info.is_main
@@ -185,8 +188,7 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo) -> TrainResult:
     last_loss, val_loss = float("nan"), None
     while step < steps:
         lr = learning_rate(step, cfg, steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rate(optimizer, lr)
         n_micro = micro_batches(step, cfg)
         for micro in range(n_micro):
             x, y = sampler.micro_batch(step, micro, n_micro)
@@ -198,13 +200,7 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo) -> TrainResult:
                 scaler.scale(loss / n_micro).backward()
             loss_sum += loss.detach().float() / n_micro
             window_tokens += x.numel() * info.world_size
-        grad_norm = None
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = clip_and_step(model, optimizer, cfg.grad_clip, scaler)
         step += 1
         bar.update(1)
 
@@ -232,6 +228,8 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo) -> TrainResult:
                     best_val = val_loss
                     checkpoint("best", val_loss)
             checkpoint("last", val_loss)
+            if on_eval is not None and val_loss is not None:
+                on_eval(step, {"val_loss": val_loss})
             window_start = time.perf_counter()   # evaluation and saving do not count against tokens/s
         elif cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0:
             checkpoint("last", val_loss)

@@ -44,3 +44,22 @@ def micro_batches(step: int, cfg: TrainConfig) -> int:
         return cfg.grad_accum_steps
     start = min(cfg.batch_rampup_start, cfg.grad_accum_steps)
     return start + (cfg.grad_accum_steps - start) * step // cfg.batch_rampup_steps
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float,
+                  scaler: torch.amp.GradScaler) -> torch.Tensor | None:
+    """Unscale (fp16), clip the global gradient norm, step and clear the gradients; returns the
+    norm before clipping (None without clipping), still on the device so nothing waits for it."""
+    grad_norm = None
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
