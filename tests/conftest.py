@@ -107,3 +107,39 @@ def server(tiny_checkpoint):
     s = Server(tiny_checkpoint, "--max-batch-size", "8")
     yield s
     s.stop()
+
+
+POSITIVE = ["good", "great", "wonderful", "excellent", "lovely", "superb"]
+NEGATIVE = ["bad", "awful", "terrible", "dull", "boring", "dreadful"]
+FILLER = ["the film", "this movie", "the plot", "the acting", "the ending", "every scene"]
+
+
+def write_sentiment(path: Path, n: int, seed: int = 0) -> Path:
+    """A synthetic two-class sentiment TSV (label 1 iff the sentence holds a positive word)."""
+    import random
+    rng = random.Random(seed)
+    lines = ["sentence\tlabel"]
+    for _ in range(n):
+        label = rng.random() < 0.5
+        word = rng.choice(POSITIVE if label else NEGATIVE)
+        lines.append(f"{rng.choice(FILLER)} was {word} , {rng.choice(FILLER)} too\t{int(label)}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def tiny_finetune_overrides(base: Path, data: Path, out_dir: Path, **extra) -> dict:
+    """A fine-tune of the tiny checkpoint that runs in seconds."""
+    cfg = {"init_from": str(base), "data": str(data), "out_dir": str(out_dir), "batch_size": 16, "max_steps": 60,
+           "max_epochs": 0, "learning_rate": 1e-2, "warmup_steps": 4, "eval_interval": 30, "eval_batch_size": 64,
+           "log_interval": 5, "progress": False, "tensorboard": False, "dtype": "fp32", "val_fraction": 0.2}
+    cfg.update(extra)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tiny_checkpoint, tmp_path_factory) -> Path:
+    from gptstack.adapt.finetune import FinetuneConfig, finetune
+    work = tmp_path_factory.mktemp("classifier")
+    data = write_sentiment(work / "sentiment.tsv", 400)
+    finetune(build_train_config(overrides=tiny_finetune_overrides(tiny_checkpoint, data, work / "run"), cls=FinetuneConfig))
+    return work / "run" / "best"

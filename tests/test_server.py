@@ -275,3 +275,36 @@ def test_port_in_use_is_a_clear_error(server, tiny_checkpoint):
     from conftest import run_cli
     proc = run_cli("serve", "--checkpoint", str(tiny_checkpoint), "--port", str(server.port), "--api-key", "k")
     assert proc.returncode == 2 and "could not start" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_classify_route(tiny_classifier, server):
+    from gptstack.checkpoint import load_classifier
+    from gptstack.heads import classification_ids
+    texts = ["this movie was wonderful , the plot too", "the acting was dreadful , every scene too"]
+    s = Server(tiny_classifier, "--max-batch-size", "4")
+    try:
+        url = s.url + "/v1/classify"
+        assert httpx.post(url, json={"input": texts[0]}).status_code == 401
+        r = httpx.post(url, json={"model": "tiny", "input": texts}, headers=s.headers)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert [d["label"] for d in body["data"]] == ["1", "0"]
+        classifier, tok, _ = load_classifier(tiny_classifier)
+        ids = [classification_ids(tok, t, 256) for t in texts]
+        expected = classifier.predict(ids)
+        for row, probs in zip(body["data"], expected.tolist()):
+            assert row["scores"]["0"] + row["scores"]["1"] == pytest.approx(1.0)
+            assert [row["scores"]["0"], row["scores"]["1"]] == pytest.approx(probs, abs=1e-5)
+        assert body["usage"]["prompt_tokens"] == sum(len(i) for i in ids)
+        bad = httpx.post(url, json={"input": []}, headers=s.headers)
+        assert bad.status_code == 400 and "at least one text" in bad.json()["error"]["message"]
+        wrong = httpx.post(url, json={"model": "other", "input": "x"}, headers=s.headers)
+        assert wrong.status_code == 404
+        # the same server still completes text with the fine-tuned backbone
+        assert httpx.post(s.url + "/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 3},
+                          headers=s.headers).status_code == 200
+    finally:
+        s.stop()
+    # a language model without a head answers 404 with a hint
+    r = httpx.post(server.url + "/v1/classify", json={"input": "hello"}, headers=server.headers)
+    assert r.status_code == 404 and "no classification head" in r.json()["error"]["message"]

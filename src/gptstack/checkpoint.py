@@ -170,13 +170,23 @@ def load_classifier(directory: str | Path, device: str | torch.device = "cpu", d
                     merge_adapter: bool = True) -> tuple[SequenceClassifier, Tokenizer, dict]:
     """A checkpoint written by a classification fine-tune: backbone plus head, in eval mode."""
     model, tokenizer, config = load_model(directory, device, dtype, merge_adapter)
-    head = config.get("head")
-    if not head or head.get("kind") != "classification":
+    classifier = attach_head(model, directory, config)
+    if classifier is None:
         raise CheckpointError(f"{directory} has no classification head; fine-tune one with "
                               "`gptstack finetune --task classification`")
+    return classifier, tokenizer, config
+
+
+def attach_head(model: GPT, directory: str | Path, config: dict) -> SequenceClassifier | None:
+    """The checkpoint's classifier over an already loaded (perhaps quantized) ``model``, sharing its
+    weights; None when the checkpoint has no head."""
+    head = config.get("head")
+    if not head or head.get("kind") != "classification":
+        return None
     classifier = SequenceClassifier(model, head["labels"])
     classifier.load_head_state(load_weights(directory))
-    return classifier.to(device=device, dtype=dtype).eval(), tokenizer, config
+    weight = model.transformer.wte.weight
+    return classifier.to(device=weight.device, dtype=weight.dtype).eval()
 
 
 def load_weights(directory: str | Path, name: str = "model.safetensors") -> dict[str, torch.Tensor]:

@@ -107,6 +107,8 @@ def cmd_eval(args) -> None:
     from .evaluate.tasks import EvalConfig, evaluate
     cfg = EvalConfig(**{k: v for k, v in vars(args).items() if k in EvalConfig.__dataclass_fields__})
     cfg.progress = not args.quiet
+    if args.report and Path(args.report).suffix.lower() not in (".html", ".png"):
+        raise ConfigError(f"--report {args.report} must end in .html or .png")
     results = evaluate(cfg)
     print(format_table(results))
     if args.json:

@@ -22,8 +22,9 @@ import collections
 import itertools
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -170,6 +171,7 @@ class Engine:
         self._free = list(range(slots))
         self._active: list[_Request] = []
         self._waiting: collections.deque[_Request] = collections.deque()
+        self._calls: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
         self._lock = threading.Condition()
         self._ids = itertools.count()
         self._running = False
@@ -210,6 +212,8 @@ class Engine:
             self._thread = None
         for request in list(self._active) + list(self._waiting):
             self._finish(request, "cancelled")
+        while self._calls:
+            self._calls.popleft()[1].set_exception(EngineStopped("the engine stopped"))
 
     def __enter__(self) -> "Engine":
         return self.start()
@@ -265,6 +269,20 @@ class Engine:
             self._lock.notify_all()
         return handle
 
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run ``fn`` on the engine's thread between two steps (e.g. a classifier's forward pass
+        over the same weights), so all model work stays on one thread; its Future has the result.
+        Raises QueueFull / EngineStopped as submit() does."""
+        future: Future = Future()
+        with self._lock:
+            if not self._running:
+                raise EngineStopped("the engine is not running")
+            if len(self._calls) >= self.config.max_queue:
+                raise QueueFull(f"{len(self._calls)} calls are already waiting (max_queue)")
+            self._calls.append((fn, future))
+            self._lock.notify_all()
+        return future
+
     def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams) -> list[Completion]:
         """Complete every prompt (batch use). Without a running loop, runs it in this thread."""
         ids = [self.tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
@@ -307,7 +325,7 @@ class Engine:
     def _wait_for_work(self) -> bool:
         """Block until there is something to do (False: shut down), then fill free slots."""
         with self._lock:
-            while self._running and not self._waiting and not self._active:
+            while self._running and not self._waiting and not self._active and not self._calls:
                 self._lock.wait(timeout=0.5)   # a timeout lets a main thread run its signal handlers
             if not self._running:
                 return False
@@ -317,7 +335,14 @@ class Engine:
             return True
 
     def _step(self) -> None:
-        """One iteration: drop cancelled requests, one prefill chunk, one decode step for all."""
+        """One iteration: queued calls, drop cancelled requests, one prefill chunk, one decode step for all."""
+        while self._calls:
+            fn, future = self._calls.popleft()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except Exception as exc:   # handed to the caller, who decides what it means
+                    future.set_exception(exc)
         for request in [r for r in self._active if r.handle.cancelled]:
             self._finish(request, "cancelled")
         prefilling = [r for r in self._active if r.prefilled < len(r.prompt)]

@@ -24,11 +24,12 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..chat import DEFAULT_CHAT_STOPS, DEFAULT_CHAT_TEMPLATE
+from ..heads import SequenceClassifier, classification_ids
 from ..inference.engine import Engine, EngineStopped, QueueFull, RequestHandle, TokenEvent
 from ..inference.sampling import SamplingParams
 from .metrics import ServerMetrics
-from .schemas import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
-                      error_body)
+from .schemas import (ChatCompletionRequest, ClassifyRequest, CompletionRequest, DetokenizeRequest,
+                      TokenizeRequest, error_body)
 from .security import BodyLimitMiddleware, KeyStore, RateLimiter
 
 log = logging.getLogger("gptstack.serve")
@@ -69,7 +70,10 @@ def error_response(status: int, message: str, type_: str = "invalid_request_erro
     return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
 
 
-def create_app(engine: Engine, config: ServeConfig, start_engine: bool = True) -> FastAPI:
+def create_app(engine: Engine, config: ServeConfig, start_engine: bool = True,
+               classifier: SequenceClassifier | None = None) -> FastAPI:
+    """The app over ``engine``; with a ``classifier`` (sharing the engine's model) /v1/classify
+    answers too."""
     tokenizer = engine.tokenizer
     metrics = ServerMetrics(engine)
     limiter = RateLimiter(config.requests_per_minute, config.tokens_per_minute)
@@ -341,6 +345,28 @@ def create_app(engine: Engine, config: ServeConfig, start_engine: bool = True) -
             raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary of {tokenizer.vocab_size}",
                            param="tokens")
         return {"prompt": tokenizer.decode(body.tokens)}
+
+    @app.post("/v1/classify")
+    async def classify(body: ClassifyRequest, request: Request):
+        check_model(body.model)
+        if classifier is None:
+            raise APIError(404, f"model {config.model_name!r} has no classification head; serve a checkpoint made by "
+                           "`gptstack finetune --task classification`", code="no_classifier")
+        ids = [classification_ids(tokenizer, text, engine.model.config.block_size) for text in body.input]
+        tokens = sum(len(i) for i in ids)
+        wait = limiter.acquire(request.state.key_id, tokens)
+        if wait:
+            raise APIError(429, f"rate limit reached for this API key; retry in {wait:.0f}s", "rate_limit_error",
+                           code="rate_limit_exceeded", headers={"Retry-After": str(int(wait))})
+        try:
+            probs = await asyncio.wrap_future(engine.call(lambda: classifier.predict(ids)))
+        except (QueueFull, EngineStopped) as exc:
+            raise APIError(503, f"the server is at capacity ({exc}); retry shortly", "server_overloaded",
+                           code="overloaded", headers={"Retry-After": "1"}) from None
+        labels = classifier.labels
+        data = [{"index": i, "label": labels[int(row.argmax())], "score": float(row.max()),
+                 "scores": {label: float(p) for label, p in zip(labels, row)}} for i, row in enumerate(probs)]
+        return {**head("clf", "list"), "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
     def render_chat(messages) -> str:
         return chat_template.render(messages=[{"role": m.role, "content": m.text()} for m in messages])

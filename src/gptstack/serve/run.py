@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_model
+from ..checkpoint import attach_head, load_model
+from ..heads import SequenceClassifier
 from ..inference.engine import Engine, EngineConfig
 from ..inference.quantize import quantize_int8
 from ..runtime import resolve_device, resolve_dtype, tune_allocator
@@ -49,8 +50,9 @@ class ServeOptions:
     graceful_shutdown_seconds: float = 30.0
 
 
-def build_engine(options: ServeOptions) -> tuple[Engine, dict]:
-    """The engine over the checkpoint's model, and the checkpoint's config.json."""
+def build_engine(options: ServeOptions) -> tuple[Engine, dict, SequenceClassifier | None]:
+    """The engine over the checkpoint's model, the checkpoint's config.json, and its classifier
+    (sharing the engine's weights) when the checkpoint has a classification head."""
     device = resolve_device(options.device)
     if options.quantize not in ("none", "int8"):
         raise ValueError(f"quantize must be 'none' or 'int8', got {options.quantize!r}")
@@ -60,10 +62,12 @@ def build_engine(options: ServeOptions) -> tuple[Engine, dict]:
         model = quantize_int8(model)
     config = EngineConfig(max_batch_size=options.max_batch_size, max_queue=options.max_queue,
                           max_seq_len=options.max_seq_len, kv_cache_memory=options.kv_cache_memory)
-    return Engine(model, tokenizer, config, device=device), checkpoint_config
+    classifier = attach_head(model, options.checkpoint, checkpoint_config)
+    return Engine(model, tokenizer, config, device=device), checkpoint_config, classifier
 
 
-def build_app(options: ServeOptions, engine: Engine, stored_template: str | None = None):
+def build_app(options: ServeOptions, engine: Engine, stored_template: str | None = None,
+              classifier: SequenceClassifier | None = None):
     keys = KeyStore.from_sources(options.api_keys, options.api_keys_file)
     shown_key = "$GPTSTACK_API_KEY"
     if not len(keys) and not options.insecure_no_auth:
@@ -83,7 +87,7 @@ def build_app(options: ServeOptions, engine: Engine, stored_template: str | None
                          max_body_bytes=options.max_body_bytes, metrics_public=options.metrics_public,
                          log_prompts=options.log_prompts, chat_template=template,
                          chat_stops=[] if options.chat_template or stored_template else ServeConfig().chat_stops)
-    return create_app(engine, config, start_engine=False)
+    return create_app(engine, config, start_engine=False, classifier=classifier)
 
 
 def serve(options: ServeOptions) -> None:
@@ -101,8 +105,8 @@ def serve(options: ServeOptions) -> None:
     if bool(options.ssl_certfile) != bool(options.ssl_keyfile):
         raise ValueError("TLS needs both --ssl-certfile and --ssl-keyfile")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    engine, checkpoint_config = build_engine(options)
-    app = build_app(options, engine, checkpoint_config.get("meta", {}).get("chat_template"))
+    engine, checkpoint_config, classifier = build_engine(options)
+    app = build_app(options, engine, checkpoint_config.get("meta", {}).get("chat_template"), classifier)
     server = uvicorn.Server(uvicorn.Config(app, host=options.host, port=options.port, ssl_certfile=options.ssl_certfile,
                                            ssl_keyfile=options.ssl_keyfile, access_log=False, log_level="info",
                                            timeout_graceful_shutdown=options.graceful_shutdown_seconds))

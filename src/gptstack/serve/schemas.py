@@ -92,6 +92,24 @@ class TokenizeRequest(StrictModel):
     messages: list[ChatMessage] | None = None
 
 
+class ClassifyRequest(StrictModel):
+    """POST /v1/classify: one text or a list of them (gptstack's own route, shaped like /v1/embeddings)."""
+    model: str | None = None
+    input: Union[StrictStr, list[StrictStr]] = Field(...)
+
+    @field_validator("input")
+    @classmethod
+    def _non_empty(cls, value):
+        texts = [value] if isinstance(value, str) else value
+        if not texts:
+            raise ValueError("give at least one text")
+        if len(texts) > 256:
+            raise ValueError(f"at most 256 texts per request, got {len(texts)}")
+        if any(not t.strip() for t in texts):
+            raise ValueError("texts must not be empty")
+        return texts
+
+
 class DetokenizeRequest(StrictModel):
     model: str | None = None
     tokens: list[int]
