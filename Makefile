@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 PORT   ?= 8000
 
-.PHONY: install install-test demo test bench clean
+.PHONY: install install-test demo sst2 test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ demo: install
 	$(BIN)/gptstack generate --checkpoint runs/demo/best --prompt "ROMEO:" --max-new-tokens 120 --seed 1 --temperature 0.8
 	$(BIN)/gptstack generate --checkpoint runs/demo/best --prompt "First Citizen:" --max-new-tokens 120 --seed 2 --temperature 0.8
 	$(BIN)/gptstack serve --checkpoint runs/demo/best --model-name shakespeare --port $(PORT)
+
+## sst2: the fine-tuning recipe: pretrain the demo model (if not done), fine-tune SST-2, evaluate
+sst2: install
+	test -f runs/demo/best/checksums.json || $(BIN)/gptstack train --config configs/demo.yaml --resume false
+	$(BIN)/gptstack finetune --config configs/sst2.yaml
+	$(BIN)/gptstack eval --checkpoint runs/sst2/best --data runs/sst2/splits/val.jsonl --report runs/sst2/report.html
 
 ## test: install with test extras and run the whole suite
 test: install-test

@@ -9,51 +9,24 @@ tokens/s, MFU (against this machine's measured matmul rate in that dtype) and th
 
 from __future__ import annotations
 
-import argparse
 import platform
-import time
 
 import torch
 
 from gptstack.config import model_info, preset
 from gptstack.model import GPT
-from gptstack.runtime import DTYPES, autocast, resolve_device, tune_allocator
+from gptstack.runtime import DTYPES, resolve_device, tune_allocator
 from gptstack.train.metrics import measure_peak_flops
+from timing import hf_config, parse_args, step_rate
 
 
 def hf_model(cfg):
     import transformers
-    config = transformers.GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
-                                     n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=cfg.resid_pdrop,
-                                     embd_pdrop=cfg.embd_pdrop, attn_pdrop=cfg.attn_pdrop,
-                                     attn_implementation="sdpa")
-    return transformers.GPT2LMHeadModel(config)
-
-
-def step_rate(model, loss_fn, batches, dtype, device, warmup: int) -> float:
-    """Tokens per second of full optimizer steps over ``batches`` (after ``warmup`` of them)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    model.train()
-    for i, idx in enumerate(batches):
-        if i == warmup:
-            start = time.perf_counter()
-        with autocast(device, dtype):
-            loss = loss_fn(model, idx)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return sum(b.numel() for b in batches[warmup:]) / (time.perf_counter() - start)
+    return transformers.GPT2LMHeadModel(hf_config(cfg))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="cpu-small")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--dtypes", default="fp32,bf16")
-    parser.add_argument("--device", default="auto")
-    args = parser.parse_args()
+    args = parse_args(__doc__, batch_size=16, steps=10)
 
     tune_allocator()
     device = resolve_device(args.device)

@@ -42,6 +42,11 @@ def tiny_checkpoint(shakespeare, tmp_path_factory) -> Path:
     return out / "best"
 
 
+def cli_args(overrides: dict) -> list[str]:
+    """A config dict as the `--key value` arguments of the CLI."""
+    return [item for key, value in overrides.items() for item in (f"--{key}", str(value))]
+
+
 def run_cli(*args: str, timeout: float = 300, env: dict | None = None, check: bool = False) -> subprocess.CompletedProcess:
     """Run `gptstack ...` as a real process, as a user would."""
     full_env = {**os.environ, **(env or {})}

@@ -145,3 +145,19 @@ def test_weight_only_int8_linear_is_close():
     q = Int8Linear(linear)
     assert q.weight.dtype == torch.int8
     assert torch.allclose(q(x), linear(x), atol=0.02 * linear(x).abs().max().item())
+
+
+def test_call_runs_on_the_engine_thread_between_steps(engine):
+    import threading
+    from gptstack.inference.engine import EngineStopped
+    handle = engine.submit(engine.tokenizer.encode("ROMEO:"), SamplingParams(max_new_tokens=20, ignore_eos=True))
+    future = engine.call(lambda: (threading.current_thread().name, torch.is_inference_mode_enabled()))
+    assert future.result(timeout=30) == ("gptstack-engine", True)
+    failing = engine.call(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        failing.result(timeout=30)
+    events = list(handle)                         # generation went on around the calls
+    assert events[-1].finish_reason == "length" and events[-1].completion_tokens == 20
+    engine.shutdown()
+    with pytest.raises(EngineStopped):
+        engine.call(lambda: None)

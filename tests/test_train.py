@@ -14,11 +14,7 @@ from gptstack.train.loop import train
 from gptstack.train.metrics import read_metrics
 from gptstack.train.optim import learning_rate, micro_batches
 
-from conftest import REPO, run_cli, tiny_overrides
-
-
-def cli_args(overrides: dict) -> list[str]:
-    return [arg for k, v in overrides.items() for arg in (f"--{k}", str(v))]
+from conftest import REPO, cli_args, run_cli, tiny_overrides
 
 
 def test_training_lowers_loss_and_writes_everything(shakespeare, tmp_path):

@@ -130,3 +130,14 @@ def test_finetune_study_with_grid_sampler(tiny_checkpoint, tmp_path):
     assert sorted((t.params["learning_rate"], t.params["lora_rank"]) for t in study.trials) == \
         [(1e-3, 0), (1e-3, 4), (1e-2, 0), (1e-2, 4)]
     assert "gptstack finetune --config" in (out / "best_config.yaml").read_text()
+
+
+def test_two_worker_processes_share_one_study(shakespeare, tmp_path):
+    space = write(tmp_path / "space.yaml", tiny_space(shakespeare, n_trials=4, pruner="none", sampler="random"))
+    out = tmp_path / "study"
+    run_cli("tune", "--space", space, "--out", str(out), "--n-jobs", "2", "--quiet", check=True)
+    study = optuna.load_study(study_name="study", storage=f"sqlite:///{out / 'study.db'}")
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert 4 <= len(complete) <= 5            # each worker stops once the study has 4 finished trials
+    assert len({t.params["learning_rate"] for t in complete}) == len(complete)   # the workers drew different points
+    assert len(list((out / "trials").iterdir())) == len(study.trials)

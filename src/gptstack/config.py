@@ -53,13 +53,13 @@ class ModelConfig:
 
     def validate(self) -> "ModelConfig":
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "band_width"):
-            _require(getattr(self, name) >= 1, f"model.{name} must be a positive integer, got {getattr(self, name)}")
-        _require(self.n_embd % self.n_head == 0,
+            require(getattr(self, name) >= 1, f"model.{name} must be a positive integer, got {getattr(self, name)}")
+        require(self.n_embd % self.n_head == 0,
                  f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
         for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop", "clf_pdrop"):
-            _require(0.0 <= getattr(self, name) < 1.0, f"model.{name} must be in [0, 1), got {getattr(self, name)}")
-        _require(self.activation in ACTIVATIONS, f"model.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        _require(self.attention in ATTENTION_KINDS,
+            require(0.0 <= getattr(self, name) < 1.0, f"model.{name} must be in [0, 1), got {getattr(self, name)}")
+        require(self.activation in ACTIVATIONS, f"model.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        require(self.attention in ATTENTION_KINDS,
                  f"model.attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
         return self
 
@@ -190,7 +190,7 @@ class TrainConfig:
         unknown = set(self.model) - known
         if unknown:
             raise ConfigError(f"unknown model field(s) {sorted(unknown)}; allowed: {sorted(known)}")
-        cfg = dataclasses.replace(base, **{k: _coerce(v, _hint(ModelConfig, k), f"model.{k}") for k, v in self.model.items()})
+        cfg = dataclasses.replace(base, **{k: _coerce(v, field_hint(ModelConfig, k), f"model.{k}") for k, v in self.model.items()})
         if vocab_size is not None and "vocab_size" not in self.model:
             cfg.vocab_size = vocab_size
         return cfg.validate()
@@ -198,23 +198,23 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         preset(self.preset)
         self.model_config()
-        _require(bool(self.data), "data is required: a dataset dir made by `gptstack prepare`, or a text file/folder")
+        require(bool(self.data), "data is required: a dataset dir made by `gptstack prepare`, or a text file/folder")
         for name in ("batch_size", "grad_accum_steps", "eval_batch_size", "batch_rampup_start",
                      "eval_interval", "eval_iters", "log_interval"):
-            _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+            require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_steps", "warmup_steps", "lr_decay_steps", "batch_rampup_steps", "checkpoint_interval"):
-            _require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
-        _require(self.max_steps > 0 or self.max_epochs > 0, "set max_steps > 0 or max_epochs > 0")
-        _require(self.learning_rate is None or self.learning_rate > 0,
+            require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        require(self.max_steps > 0 or self.max_epochs > 0, "set max_steps > 0 or max_epochs > 0")
+        require(self.learning_rate is None or self.learning_rate > 0,
                  f"learning_rate must be > 0, got {self.learning_rate}")
-        _require(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        _require(self.lr_decay in ("cosine", "linear", "constant"),
+        require(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        require(self.lr_decay in ("cosine", "linear", "constant"),
                  f"lr_decay must be 'cosine', 'linear' or 'constant', got {self.lr_decay!r}")
-        _require(self.optimizer in ("adamw", "adam"), f"optimizer must be 'adamw' or 'adam', got {self.optimizer!r}")
-        _require(0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        _require(self.dtype in ("auto", "fp32", "bf16", "fp16"),
+        require(self.optimizer in ("adamw", "adam"), f"optimizer must be 'adamw' or 'adam', got {self.optimizer!r}")
+        require(0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        require(self.dtype in ("auto", "fp32", "bf16", "fp16"),
                  f"dtype must be 'auto', 'fp32', 'bf16' or 'fp16', got {self.dtype!r}")
-        _require(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
+        require(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
         return self
 
 
@@ -292,10 +292,10 @@ def from_dict(cls, raw: dict):
     if unknown:
         hint = ", ".join(sorted(known))
         raise ConfigError(f"unknown config key(s) {unknown}; allowed keys: {hint} (and model.<field>)")
-    return cls(**{k: _coerce(v, _hint(cls, k), k) for k, v in raw.items()})
+    return cls(**{k: _coerce(v, field_hint(cls, k), k) for k, v in raw.items()})
 
 
-def _hint(cls, name: str):
+def field_hint(cls, name: str):
     return get_type_hints(cls)[name]
 
 
@@ -335,7 +335,7 @@ def _coerce(value: Any, hint, name: str):
     return value
 
 
-def _require(condition: bool, message: str) -> None:
+def require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
 

@@ -40,18 +40,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args
 
+import optuna
+import torch
 import yaml
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.study import MaxTrialsCallback
+from optuna.trial import TrialState
 
-from .config import ConfigError, ModelConfig, TrainConfig, _hint, build_train_config, load_config_file, normalise_keys, to_dict
+from .adapt.finetune import LOWER_IS_BETTER, TASK_METRICS, FinetuneConfig, finetune
+from .config import (ConfigError, ModelConfig, TrainConfig, build_train_config, field_hint, load_config_file,
+                     normalise_keys, to_dict)
+from .train import distributed
+from .train.loop import resolve_dataset, train
 
 COMMANDS = ("train", "finetune")
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "hyperband", "none")
-OBJECTIVES = {
-    "train": ("val_loss",),
-    "classification": ("val_loss", "accuracy", "f1_macro", "precision_macro", "recall_macro"),
-    "sft": ("val_loss", "val_perplexity"),
-}
+OBJECTIVES = {"train": ("val_loss",), **TASK_METRICS}
 SPEC_KEYS = {"command", "base_config", "fixed", "objective", "direction", "sampler", "pruner", "n_trials",
              "seed", "space", "pruner_startup_trials", "pruner_warmup_steps"}
 PARAM_KEYS = {"low", "high", "log", "step", "values"}
@@ -90,10 +95,7 @@ class StudySpec:
 
 
 def _config_class(command: str) -> type:
-    if command == "finetune":
-        from .adapt.finetune import FinetuneConfig
-        return FinetuneConfig
-    return TrainConfig
+    return FinetuneConfig if command == "finetune" else TrainConfig
 
 
 def _field_type(cls: type, name: str) -> type:
@@ -108,7 +110,7 @@ def _field_type(cls: type, name: str) -> type:
         allowed = sorted({f.name for f in dataclasses.fields(cls)} - {"model"}) + ["model.<field>"]
         raise ConfigError(f"space: {name!r} is not a config field of `gptstack {'finetune' if cls is not TrainConfig else 'train'}`; "
                           f"fields are: {', '.join(allowed)}")
-    hint = _hint(owner, target)
+    hint = field_hint(owner, target)
     args = [a for a in get_args(hint) if a is not type(None)]
     return args[0] if args else hint
 
@@ -175,7 +177,7 @@ def load_spec(path: str | Path) -> StudySpec:
     if objective not in OBJECTIVES[task]:
         raise ConfigError(f"{path}: objective {objective!r} is not reported by {command} ({task}); "
                           f"choose one of {OBJECTIVES[task]}")
-    direction = raw.get("direction") or ("minimize" if objective in ("val_loss", "val_perplexity") else "maximize")
+    direction = raw.get("direction") or ("minimize" if objective in LOWER_IS_BETTER else "maximize")
     sampler, pruner = raw.get("sampler", "tpe"), raw.get("pruner", "median")
     if direction not in ("minimize", "maximize"):
         raise ConfigError(f"{path}: direction must be minimize or maximize, got {direction!r}")
@@ -271,8 +273,6 @@ class TuneResult:
 
 
 def _storage(cfg: TuneConfig):
-    import optuna
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)   # heartbeats
     url = cfg.storage_url
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
@@ -287,7 +287,6 @@ def _storage(cfg: TuneConfig):
 
 
 def _sampler(spec: StudySpec, worker: int):
-    import optuna
     seed = spec.seed + worker     # workers draw different points
     if spec.sampler == "grid":
         return optuna.samplers.GridSampler(grid(spec.params), seed=seed)
@@ -297,7 +296,6 @@ def _sampler(spec: StudySpec, worker: int):
 
 
 def _pruner(spec: StudySpec):
-    import optuna
     if spec.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=spec.pruner_startup_trials,
                                            n_warmup_steps=spec.pruner_warmup_steps)
@@ -307,7 +305,6 @@ def _pruner(spec: StudySpec):
 
 
 def _open_study(cfg: TuneConfig, spec: StudySpec, worker: int = 0):
-    import optuna
     study = optuna.create_study(storage=_storage(cfg), study_name=cfg.name, direction=spec.direction,
                                 sampler=_sampler(spec, worker), pruner=_pruner(spec), load_if_exists=True)
     known = study.user_attrs.get("space_digest")
@@ -321,7 +318,6 @@ def _open_study(cfg: TuneConfig, spec: StudySpec, worker: int = 0):
 
 
 def _finished(study) -> int:
-    from optuna.trial import TrialState
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
 
@@ -329,8 +325,6 @@ def _prepared_data(spec: StudySpec, out: Path) -> dict:
     """Pretraining trials share one tokenized copy of raw-text data instead of each preparing its own."""
     if spec.command != "train":
         return {}
-    from .train import distributed
-    from .train.loop import resolve_dataset
     base = spec.trial_config({})
     info = distributed.DistInfo()
     shared = {"data": str(resolve_dataset(base.data, out, base.tokenizer, info, progress=False))}
@@ -340,7 +334,6 @@ def _prepared_data(spec: StudySpec, out: Path) -> dict:
 
 
 def _objective(spec: StudySpec, cfg: TuneConfig, shared: dict):
-    import optuna
 
     def objective(trial) -> float:
         params = {p.name: suggest(trial, p) for p in spec.params}
@@ -351,21 +344,19 @@ def _objective(spec: StudySpec, cfg: TuneConfig, shared: dict):
         seen: list[float] = []
         better = min if spec.direction == "minimize" else max
 
-        def on_eval(step: int, results: dict) -> None:
+        def on_eval(step: int, total_steps: int, results: dict) -> None:
             value = float(results[spec.objective])
             seen.append(value)
             trial.report(value, step)
-            if trial.should_prune():
+            if step < total_steps and trial.should_prune():   # a finished run is never pruned
                 raise optuna.TrialPruned(f"pruned at step {step} ({spec.objective} {value:.4f})")
 
-        (trial_dir).mkdir(parents=True, exist_ok=True)
+        trial_dir.mkdir(parents=True, exist_ok=True)
         (trial_dir / "trial.json").write_text(json.dumps({"number": trial.number, "params": params}, indent=2))
         try:
             if spec.command == "finetune":
-                from .adapt.finetune import finetune
                 finetune(run_cfg, on_eval=on_eval)
             else:
-                from .train.loop import train
                 train(run_cfg, on_eval=on_eval)
         finally:
             if not cfg.keep_last:
@@ -380,10 +371,7 @@ def _objective(spec: StudySpec, cfg: TuneConfig, shared: dict):
 
 def _run_worker(cfg: TuneConfig, spec: StudySpec, shared: dict, worker: int, threads: int) -> None:
     """One process's share of the study: trials until the study has n_trials finished ones."""
-    from optuna.study import MaxTrialsCallback
-    from optuna.trial import TrialState
     if threads:
-        import torch
         torch.set_num_threads(threads)
     study = _open_study(cfg, spec, worker)
     target = cfg.n_trials or spec.n_trials
@@ -422,7 +410,6 @@ def tune(cfg: TuneConfig) -> TuneResult:
 
 def summarize(cfg: TuneConfig, spec: StudySpec) -> TuneResult:
     """Write best_config.yaml, summary.md, study.json and the plots from the study as it stands."""
-    from optuna.trial import TrialState
     out = Path(cfg.out_dir)
     study = _open_study(cfg, spec)
     trials = study.get_trials(deepcopy=False)
@@ -480,8 +467,6 @@ def _plots(study, spec: StudySpec, out: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import optuna
-    from optuna.trial import TrialState
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for state, style in ((TrialState.COMPLETE, "o"), (TrialState.PRUNED, "x")):

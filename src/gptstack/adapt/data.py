@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..chat import chat_segments
-from ..data.prepare import DataError
+from ..data.prepare import DataError, json_lines
 from ..tokenizer import Tokenizer
 
 IGNORE_INDEX = -100       # targets the loss skips (prompt tokens, padding)
@@ -41,18 +41,7 @@ def read_records(path: str | Path) -> list[dict]:
                 raise DataError(f"{path}:{line} does not have one value per column of the header {reader.fieldnames}")
         return records
     if suffix in (".jsonl", ".json"):
-        records = []
-        for line, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{line} is not valid JSON: {exc}") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{line} must be a JSON object, got {type(record).__name__}")
-            records.append(record)
-        return records
+        return [record for _, record in json_lines(path)]
     raise DataError(f"{path}: unknown file type {suffix!r}; use .tsv, .csv or .jsonl")
 
 

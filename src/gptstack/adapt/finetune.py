@@ -8,8 +8,8 @@ Two tasks share one loop:
 * ``sft``: language modelling on prompt/response pairs or chats, with the loss only on response
   tokens, over packed fixed-length windows; validation reports loss and perplexity.
 
-Full fine-tuning, LoRA adapters and frozen layers are all choices of the config. Batches are a pure
-function of (seed, step), so ``last/`` (weights with adapters unmerged, optimizer, RNG, step) resumes
+Full fine-tuning, LoRA adapters and frozen layers are all choices of the config; under torchrun the
+ranks split each batch (DistributedDataParallel). Batches are a pure function of (seed, step), so ``last/`` (weights with adapters unmerged, optimizer, RNG, step) resumes
 a killed run exactly. ``best/`` (by validation loss) is an ordinary checkpoint that ``generate``,
 ``eval`` and ``serve`` load; with ``lora_merge`` its adapters are folded into the weights.
 """
@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -31,21 +32,30 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..checkpoint import load_classifier, load_model, load_train_state, save_checkpoint
-from ..config import ConfigError, TrainConfig, _require, to_dict
+from ..config import ConfigError, TrainConfig, require, to_dict
 from ..data.prepare import DataError
 from ..evaluate.metrics import classification_metrics
 from ..files import write_text_atomic
 from ..heads import SequenceClassifier, classification_ids, pad_right
 from ..lora import LORA_TARGETS, LoRAConfig, add_lora, is_lora_key, merge_lora
 from ..model import GPT
-from ..runtime import autocast, resolve_device, resolve_dtype, tune_allocator
+from ..runtime import autocast, resolve_dtype, tune_allocator
+from ..train import distributed
 from ..train.metrics import MetricsWriter
 from ..train.optim import build_optimizer, clip_and_step, learning_rate, set_learning_rate
 from .data import (IGNORE_INDEX, encode_sft, label_order, labelled_texts, pack_windows, read_records,
                    split_records, write_jsonl)
 
 TASKS = ("classification", "sft")
+# What each task's validation reports (and so what can pick best/ or be a tuning objective).
+TASK_METRICS = {"classification": ("val_loss", "accuracy", "f1_macro", "precision_macro", "recall_macro"),
+                "sft": ("val_loss", "val_perplexity")}
+LOWER_IS_BETTER = ("val_loss", "val_perplexity")
 DROPOUT_FIELDS = ("embd_pdrop", "attn_pdrop", "resid_pdrop", "clf_pdrop")
+# Pretraining fields with no meaning here: the model and tokenizer come from init_from, validation
+# always covers the whole held-out set, and there is no batch ramp-up or compilation.
+PRETRAINING_ONLY = ("preset", "tokenizer", "batch_rampup_steps", "batch_rampup_start", "compile", "eval_iters",
+                    "peak_flops")
 
 
 @dataclass
@@ -63,6 +73,7 @@ class FinetuneConfig(TrainConfig):
     class_weights: str = "none"          # "none" | "balanced" | comma-separated weights in label order
     val_fraction: float = 0.1            # held out of `data` when no eval_data is given
     max_length: int = 0                  # classification: tokens per text (0 = the model's context)
+    best_metric: str = "val_loss"        # what picks best/: val_loss, or accuracy / f1_macro / ... (classification)
 
     lora_rank: int = 0                   # 0 = no LoRA: train the weights themselves
     lora_alpha: float = 16.0
@@ -92,15 +103,20 @@ class FinetuneConfig(TrainConfig):
 
     def validate(self) -> "FinetuneConfig":
         super().validate()
-        _require(bool(self.init_from), "init_from is required: the checkpoint to fine-tune (e.g. runs/demo/best)")
-        _require(self.task in TASKS, f"task must be one of {TASKS}, got {self.task!r}")
+        require(bool(self.init_from), "init_from is required: the checkpoint to fine-tune (e.g. runs/demo/best)")
+        require(self.task in TASKS, f"task must be one of {TASKS}, got {self.task!r}")
+        require(self.best_metric in TASK_METRICS[self.task],
+                f"best_metric must be one of {TASK_METRICS[self.task]} for task {self.task}, got {self.best_metric!r}")
+        defaults = FinetuneConfig.__dataclass_fields__
+        changed = [name for name in PRETRAINING_ONLY if getattr(self, name) != defaults[name].default]
+        require(not changed, f"{changed} only apply to pretraining (`gptstack train`); remove them from the fine-tune config")
         other = sorted(set(self.model) - set(DROPOUT_FIELDS))
-        _require(not other, f"a fine-tune keeps its checkpoint's shape; model overrides may only set {DROPOUT_FIELDS}, "
+        require(not other, f"a fine-tune keeps its checkpoint's shape; model overrides may only set {DROPOUT_FIELDS}, "
                             f"not {other}")
-        _require(0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        _require(self.lora_rank >= 0, f"lora_rank must be >= 0, got {self.lora_rank}")
-        _require(self.freeze_layers >= 0, f"freeze_layers must be >= 0, got {self.freeze_layers}")
-        _require(self.max_length >= 0, f"max_length must be >= 0, got {self.max_length}")
+        require(0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        require(self.lora_rank >= 0, f"lora_rank must be >= 0, got {self.lora_rank}")
+        require(self.freeze_layers >= 0, f"freeze_layers must be >= 0, got {self.freeze_layers}")
+        require(self.max_length >= 0, f"max_length must be >= 0, got {self.max_length}")
         if self.lora_rank:
             try:
                 self.lora_config().validate()
@@ -111,7 +127,7 @@ class FinetuneConfig(TrainConfig):
                 weights = [float(w) for w in self.class_weights.split(",")]
             except ValueError:
                 weights = []
-            _require(bool(weights) and all(w > 0 for w in weights),
+            require(bool(weights) and all(w > 0 for w in weights),
                      f"class_weights must be 'none', 'balanced' or positive numbers like '1,3', got {self.class_weights!r}")
         return self
 
@@ -121,7 +137,7 @@ class FinetuneResult:
     out_dir: Path
     steps: int
     final_loss: float
-    best_val_loss: float | None
+    best_val_loss: float | None    # validation loss at the best step (picked by best_metric)
     metrics: dict                  # the validation results at the best step
 
 
@@ -251,76 +267,106 @@ def batch_rows(num_examples: int, batch_size: int, seed: int, step: int) -> np.n
     return order[offset * batch_size:(offset + 1) * batch_size]
 
 
-def finetune(cfg: FinetuneConfig, on_eval: Callable[[int, dict], None] | None = None) -> FinetuneResult:
-    """Run a fine-tune; ``on_eval(step, results)`` is called after each validation (tuning prunes there)."""
+def finetune(cfg: FinetuneConfig, on_eval: Callable[[int, int, dict], None] | None = None) -> FinetuneResult:
+    """Run (or resume) a fine-tune, in one process or under torchrun; ``on_eval(step, total_steps, results)`` is
+    called after each validation (tuning prunes there)."""
     cfg.validate()
     tune_allocator()
-    device = resolve_device(cfg.device)
+    info = distributed.setup(cfg.device)
+    try:
+        return _finetune(cfg, info, on_eval)
+    finally:
+        distributed.teardown(info)
+
+
+def _finetune(cfg: FinetuneConfig, info: distributed.DistInfo, on_eval) -> FinetuneResult:
+    device, show = info.device, cfg.progress and info.is_main
     dtype = resolve_dtype(cfg.dtype, device)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + info.rank)
 
     resume_dir = out / "last"
     state = load_train_state(resume_dir) if cfg.resume and (resume_dir / "checksums.json").exists() else None
-    model, tokenizer, task = _build(cfg, state is not None, out)
+    model, tokenizer, task = _build(cfg, state is not None, out, info.is_main)
     model.to(device).train()
+    (model.gpt if isinstance(model, SequenceClassifier) else model).activation_checkpointing = cfg.activation_checkpointing
     optimizer = build_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    step, best_val, best_results = 0, float("inf"), {}
+    lower_is_better = cfg.best_metric in LOWER_IS_BETTER
+    step, best_score, best_results = 0, math.inf if lower_is_better else -math.inf, {}
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
-        step, best_val, best_results = state["step"], state["best_val_loss"], state["best_results"]
-        torch.set_rng_state(state["rng"])
+        step, best_score, best_results = state["step"], state["best_score"], state["best_results"]
+        if len(state["rng"]) == info.world_size:
+            torch.set_rng_state(state["rng"][info.rank])
+    trained = model
+    if info.enabled:
+        trained = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    per_epoch = max(1, task.num_examples // cfg.batch_size)
+    # Each optimizer step takes batch_size x grad_accum_steps x world_size examples; every rank
+    # draws the same rows and works on its own share, in micro-batches of batch_size.
+    step_batch = cfg.batch_size * cfg.grad_accum_steps * info.world_size
+    per_epoch = max(1, task.num_examples // step_batch)
     steps = cfg.max_steps or max(1, math.ceil(cfg.max_epochs * per_epoch))
-    metrics = MetricsWriter(out, tensorboard=cfg.tensorboard)
+    metrics = MetricsWriter(out, enabled=info.is_main, tensorboard=cfg.tensorboard)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    write_text_atomic(out / "finetune_config.json", json.dumps({**to_dict(cfg), "total_steps": steps,
-                                                               "trainable_parameters": trainable}, indent=2))
-    if state is None:
-        metrics.path.unlink(missing_ok=True)
-        metrics.write(0, event="start", task=cfg.task, examples=task.num_examples, total_steps=steps,
-                      parameters=sum(p.numel() for p in model.parameters()), trainable_parameters=trainable)
+    if info.is_main:
+        write_text_atomic(out / "finetune_config.json", json.dumps({**to_dict(cfg), "total_steps": steps,
+                                                                   "trainable_parameters": trainable,
+                                                                   "world_size": info.world_size}, indent=2))
+        if state is None:
+            metrics.path.unlink(missing_ok=True)
+            metrics.write(0, event="start", task=cfg.task, examples=task.num_examples, total_steps=steps,
+                          parameters=sum(p.numel() for p in model.parameters()), trainable_parameters=trainable,
+                          world_size=info.world_size)
 
     def save(name: str, results: dict) -> None:
+        """Rank 0 writes; every rank calls it, as gathering the RNG states is collective."""
         meta = {"step": step, "val_loss": results.get("val_loss"), "metrics": results,
                 "finetune_config": to_dict(cfg), "base": cfg.init_from}
         if name == "last":
-            train_state = {"step": step, "best_val_loss": best_val, "best_results": best_results,
-                           "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}
-            save_checkpoint(out / name, model, tokenizer, meta=meta, train_state=train_state)
-        else:
+            rng = distributed.gather_objects(torch.get_rng_state(), info)
+            if info.is_main:
+                train_state = {"step": step, "best_score": best_score, "best_results": best_results,
+                               "optimizer": optimizer.state_dict(), "rng": rng}
+                save_checkpoint(out / name, model, tokenizer, meta=meta, train_state=train_state)
+        elif info.is_main:
             save_checkpoint(out / name, _for_serving(model, cfg), tokenizer, meta=meta)
+        distributed.barrier(info)
 
-    show = cfg.progress
     bar = tqdm(total=steps, initial=step, desc=f"fine-tuning ({cfg.task})", unit="step", disable=not show,
                dynamic_ncols=True)
-    loss_sum, window_start, window_examples, last_loss = 0.0, time.perf_counter(), 0, float("nan")
+    loss_sum, window_start, window_examples = torch.zeros(()), time.perf_counter(), 0
+    last_loss = float("nan")
     while step < steps:
         lr = learning_rate(step, cfg, steps)
         set_learning_rate(optimizer, lr)
-        rows = batch_rows(task.num_examples, cfg.batch_size, cfg.seed, step)
-        for micro in np.array_split(rows, min(cfg.grad_accum_steps, len(rows))):
-            with autocast(device, dtype):
-                loss = task.loss(model, task.batch(micro, device))
-            scaler.scale(loss * len(micro) / len(rows)).backward()
-            loss_sum += loss.item() * len(micro) / len(rows)
+        rows = np.array_split(batch_rows(task.num_examples, step_batch, cfg.seed, step), info.world_size)[info.rank]
+        micro_batches = [rows[i:i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
+        for m, micro in enumerate(micro_batches):
+            sync = m == len(micro_batches) - 1 or not info.enabled
+            with (nullcontext() if sync else trained.no_sync()):
+                with autocast(device, dtype):
+                    loss = task.loss(trained, task.batch(micro, device))
+                scaler.scale(loss * len(micro) / len(rows)).backward()
+            loss_sum += loss.detach().float().cpu() * len(micro) / len(rows)
         grad_norm = clip_and_step(model, optimizer, cfg.grad_clip, scaler)
         step += 1
-        window_examples += len(rows)
+        window_examples += len(rows) * info.world_size
         bar.update(1)
         if step % cfg.log_interval == 0 or step == steps:
-            last_loss = loss_sum / ((step - 1) % cfg.log_interval + 1)
+            last_loss = (distributed.mean_across_ranks(loss_sum.to(device), info) / ((step - 1) % cfg.log_interval + 1)).item()
             rate = window_examples / (time.perf_counter() - window_start)
             metrics.write(step, loss=last_loss, lr=lr, examples_per_s=round(rate, 1),
                           grad_norm=None if grad_norm is None else round(float(grad_norm), 4))
             bar.set_postfix(loss=f"{last_loss:.3f}", ex_s=f"{rate:,.0f}", lr=f"{lr:.2e}")
-            loss_sum, window_examples, window_start = 0.0, 0, time.perf_counter()
+            loss_sum.zero_()
+            window_examples, window_start = 0, time.perf_counter()
         if step % cfg.eval_interval == 0 or step == steps:
             results = {}
-            if task.val is not None:
+            if task.val is not None:   # every rank scores the whole held-out set: same numbers, no messages
                 model.eval()
                 with torch.no_grad():
                     results = task.evaluate(model, device, dtype)
@@ -328,21 +374,25 @@ def finetune(cfg: FinetuneConfig, on_eval: Callable[[int, dict], None] | None = 
                 metrics.write(step, **{f"val_{k}" if not k.startswith("val_") else k: v for k, v in results.items()})
                 if show:
                     bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
-                if results["val_loss"] < best_val:
-                    best_val, best_results = results["val_loss"], {**results, "step": step}
+                score = results[cfg.best_metric]
+                if score < best_score if lower_is_better else score > best_score:
+                    best_score, best_results = score, {**results, "step": step}
                     save("best", best_results)
             save("last", results)
             if on_eval is not None and results:
-                on_eval(step, results)
+                on_eval(step, steps, results)
+            window_start = time.perf_counter()
+        elif cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0:
+            save("last", {})
             window_start = time.perf_counter()
     bar.close()
     if task.val is None:
         save("best", {})
     metrics.close()
-    return FinetuneResult(out, step, last_loss, best_val if best_val < float("inf") else None, best_results)
+    return FinetuneResult(out, step, last_loss, best_results.get("val_loss"), best_results)
 
 
-def _build(cfg: FinetuneConfig, resuming: bool, out: Path):
+def _build(cfg: FinetuneConfig, resuming: bool, out: Path, is_main: bool = True):
     """The model to train (GPT or classifier, with adapters and freezing applied), its tokenizer
     and the task with its data; ``resuming`` takes weights, adapters and head from out/last."""
     classifier, labels = None, None
@@ -361,7 +411,7 @@ def _build(cfg: FinetuneConfig, resuming: bool, out: Path):
         train_records, val_records = records, read_records(cfg.eval_data)
     else:
         train_records, val_records = split_records(records, cfg.val_fraction, cfg.seed)
-        if val_records:   # written down, so `gptstack eval` can score the same held-out rows
+        if val_records and is_main:   # written down, so `gptstack eval` can score the same held-out rows
             write_jsonl(out / "splits" / "train.jsonl", train_records)
             write_jsonl(out / "splits" / "val.jsonl", val_records)
     block_size = gpt.config.block_size

@@ -75,7 +75,8 @@ def _read_text(file: Path, encoding: str) -> str:
         raise DataError(f"unknown text encoding {encoding!r}; use a Python codec name such as utf-8 or latin-1") from None
 
 
-def _read_jsonl(file: Path, encoding: str, text_field: str) -> Iterator[Document]:
+def json_lines(file: Path, encoding: str = "utf-8") -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file; errors name the line."""
     for number, line in enumerate(_read_text(file, encoding).splitlines(), start=1):
         if not line.strip():
             continue
@@ -83,7 +84,14 @@ def _read_jsonl(file: Path, encoding: str, text_field: str) -> Iterator[Document
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{file} line {number} is not valid JSON ({exc.msg}); each line must be one JSON object") from None
-        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+        if not isinstance(record, dict):
+            raise DataError(f"{file} line {number} must be a JSON object, got {type(record).__name__}")
+        yield number, record
+
+
+def _read_jsonl(file: Path, encoding: str, text_field: str) -> Iterator[Document]:
+    for number, record in json_lines(file, encoding):
+        if not isinstance(record.get(text_field), str):
             raise DataError(f"{file} line {number} has no string field {text_field!r}; "
                             f"set --text-field to the field that holds the text")
         yield Document(f"{file}:{number}", record[text_field])

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from ..adapt.data import IGNORE_INDEX, labelled_texts, read_records, sft_segments
 from ..chat import DEFAULT_CHAT_STOPS
 from ..checkpoint import load_classifier, load_model, verify
-from ..config import ConfigError, _require
+from ..config import ConfigError, require
 from ..data.loader import TokenDataset
 from ..data.prepare import MANIFEST, DataError
 from ..heads import classification_ids
@@ -51,13 +51,13 @@ class EvalConfig:
     progress: bool = True
 
     def validate(self) -> "EvalConfig":
-        _require(bool(self.checkpoint), "checkpoint is required")
-        _require(bool(self.data), "data is required: a text file, a prepared dataset or a labelled .tsv/.csv/.jsonl")
-        _require(self.task in TASKS, f"task must be one of {TASKS}, got {self.task!r}")
+        require(bool(self.checkpoint), "checkpoint is required")
+        require(bool(self.data), "data is required: a text file, a prepared dataset or a labelled .tsv/.csv/.jsonl")
+        require(self.task in TASKS, f"task must be one of {TASKS}, got {self.task!r}")
         for name in ("stride", "max_tokens"):
-            _require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+            require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("batch_size", "max_new_tokens"):
-            _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+            require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         return self
 
 
@@ -132,7 +132,7 @@ def _language_model(cfg: EvalConfig, device, dtype) -> dict:
     model, tokenizer, _ = load_model(cfg.checkpoint, device=device)
     block = model.config.block_size
     stride = cfg.stride or max(1, block // 2)
-    _require(stride <= block, f"stride {stride} is longer than the context of {block} tokens")
+    require(stride <= block, f"stride {stride} is longer than the context of {block} tokens")
     tokens, n_bytes = _lm_tokens(cfg, tokenizer)
     windows = sliding_windows(len(tokens), block, stride)
     nll, count = 0.0, 0

@@ -73,8 +73,8 @@ def total_steps(cfg: TrainConfig, train_tokens: int, world_size: int, block_size
     return max(1, math.ceil(cfg.max_epochs * train_tokens / tokens_per_step))
 
 
-def train(cfg: TrainConfig, on_eval: Callable[[int, dict], None] | None = None) -> TrainResult:
-    """Run (or resume) a pretraining run; ``on_eval(step, {"val_loss": ...})`` is called after each
+def train(cfg: TrainConfig, on_eval: Callable[[int, int, dict], None] | None = None) -> TrainResult:
+    """Run (or resume) a pretraining run; ``on_eval(step, total_steps, {"val_loss": ...})`` is called after each
     validation on every rank (tuning prunes there)."""
     cfg.validate()
     tune_allocator()
@@ -229,7 +229,7 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, on_eval) -> TrainResult
                     checkpoint("best", val_loss)
             checkpoint("last", val_loss)
             if on_eval is not None and val_loss is not None:
-                on_eval(step, {"val_loss": val_loss})
+                on_eval(step, steps, {"val_loss": val_loss})
             window_start = time.perf_counter()   # evaluation and saving do not count against tokens/s
         elif cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0:
             checkpoint("last", val_loss)
