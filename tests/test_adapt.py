@@ -172,6 +172,17 @@ def test_classifier_learns_and_loads_everywhere(tiny_classifier, tmp_path):
     assert proc.stdout.startswith("ROMEO:")
 
 
+def test_best_checkpoint_by_a_task_metric(tiny_checkpoint, tmp_path):
+    data = write_sentiment(tmp_path / "s.tsv", 300)
+    result = finetune(ft_config(tiny_checkpoint, data, tmp_path / "run", best_metric="f1_macro", max_steps=40,
+                                eval_interval=5))
+    evals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val_f1_macro" in r]
+    best = max(evals, key=lambda r: r["val_f1_macro"])      # the first of equals wins
+    assert result.metrics["step"] == best["step"] and result.metrics["f1_macro"] == best["val_f1_macro"]
+    meta = json.loads((tmp_path / "run" / "best" / "config.json").read_text())["meta"]
+    assert meta["step"] == best["step"]
+
+
 def test_class_weights_balanced(tiny_checkpoint, tmp_path):
     from gptstack.adapt.finetune import ClassificationTask
     records = [{"text": f"t{i}", "label": "a" if i < 6 else "b"} for i in range(8)]
@@ -246,6 +257,8 @@ def test_sft_finetune_lowers_response_loss(tiny_checkpoint, tmp_path):
     (["--init_from", "CK", "--task", "regression"], "task must be one of"),
     (["--init_from", "CK", "--lora_rank", "4", "--lora_targets", "c_attn,wte"], "not projections"),
     (["--init_from", "CK", "--class_weights", "1,x"], "class_weights must be"),
+    (["--init_from", "CK", "--task", "sft", "--best_metric", "accuracy"], "best_metric must be one of"),
+    (["--init_from", "CK", "--preset", "gpt2"], "only apply to pretraining"),
 ])
 def test_finetune_config_errors(tiny_checkpoint, tmp_path, args, message):
     data = write_sentiment(tmp_path / "s.tsv", 20)

@@ -9,9 +9,11 @@ Two tasks share one loop:
   tokens, over packed fixed-length windows; validation reports loss and perplexity.
 
 Full fine-tuning, LoRA adapters and frozen layers are all choices of the config; under torchrun the
-ranks split each batch (DistributedDataParallel). Batches are a pure function of (seed, step), so ``last/`` (weights with adapters unmerged, optimizer, RNG, step) resumes
-a killed run exactly. ``best/`` (by validation loss) is an ordinary checkpoint that ``generate``,
-``eval`` and ``serve`` load; with ``lora_merge`` its adapters are folded into the weights.
+ranks split each batch (DistributedDataParallel). Batches are a pure function of (seed, step), so
+``last/`` (weights with adapters unmerged, optimizer, RNG, step) resumes a killed run exactly
+(``resume: true``). ``best/`` (by ``best_metric``, validation loss by default) is an ordinary
+checkpoint that ``generate``, ``eval`` and ``serve`` load; with ``lora_merge`` its adapters are folded
+into the weights.
 """
 
 from __future__ import annotations
