@@ -156,8 +156,12 @@ def freeze(model: GPT, layers: int, embeddings: bool) -> None:
 
 
 # --- the two tasks -------------------------------------------------------------------------------
+# A task gives the loop its data and its loss: num_examples, batch(rows, device) -> tensors,
+# loss(model, batch) -> scalar, evaluate(model, device, dtype) -> {"val_loss", ...}.
 
 class ClassificationTask:
+    """Labelled texts as token lists, right-padded per batch; (class-weighted) cross-entropy."""
+
     def __init__(self, cfg: FinetuneConfig, tokenizer, block_size: int, train_records: list[dict],
                  val_records: list[dict], source: str, labels: list[str] | None = None):
         train = labelled_texts(train_records, source, cfg.text_field, cfg.label_field)
@@ -219,6 +223,8 @@ class ClassificationTask:
 
 
 class SFTTask:
+    """Prompt/response examples packed into windows; the loss counts response tokens only."""
+
     def __init__(self, cfg: FinetuneConfig, tokenizer, block_size: int, train_records: list[dict],
                  val_records: list[dict], source: str):
         self.cfg, self.block_size = cfg, block_size
