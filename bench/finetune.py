@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gptstack.adapt.data import labelled_texts, read_records
+from gptstack.data.records import labelled_texts, read_records
 from gptstack.config import preset
 from gptstack.heads import SequenceClassifier, classification_ids, pad_right
 from gptstack.lora import LoRAConfig, add_lora

@@ -15,7 +15,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from safetensors.torch import load_file
 
 from conftest import REPO, cli_args, run_cli, tiny_finetune_overrides, write_sentiment
-from gptstack.adapt.data import IGNORE_INDEX, encode_sft, pack_windows, read_records
+from gptstack.data.records import IGNORE_INDEX, encode_sft, pack_windows, read_records
 from gptstack.adapt.finetune import FinetuneConfig, finetune
 from gptstack.chat import DEFAULT_CHAT_TEMPLATE, chat_segments
 from gptstack.checkpoint import load_classifier, load_model

@@ -36,6 +36,16 @@ from tqdm import tqdm
 from ..checkpoint import load_classifier, load_model, load_train_state, save_checkpoint
 from ..config import ConfigError, TrainConfig, require, to_dict
 from ..data.prepare import DataError
+from ..data.records import (
+    IGNORE_INDEX,
+    encode_sft,
+    label_order,
+    labelled_texts,
+    pack_windows,
+    read_records,
+    split_records,
+    write_jsonl,
+)
 from ..evaluate.metrics import classification_metrics
 from ..files import write_text_atomic
 from ..heads import SequenceClassifier, classification_ids, pad_right
@@ -44,9 +54,12 @@ from ..model import GPT
 from ..runtime import autocast, resolve_dtype, tune_allocator
 from ..train import distributed
 from ..train.metrics import MetricsWriter
-from ..train.optim import build_optimizer, clip_and_step, learning_rate, set_learning_rate
-from .data import (IGNORE_INDEX, encode_sft, label_order, labelled_texts, pack_windows, read_records,
-                   split_records, write_jsonl)
+from ..train.optim import (
+    build_optimizer,
+    clip_and_step,
+    learning_rate,
+    set_learning_rate,
+)
 
 TASKS = ("classification", "sft")
 # What each task's validation reports (and so what can pick best/ or be a tuning objective).

@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..adapt.data import IGNORE_INDEX, labelled_texts, read_records, sft_segments
 from ..chat import DEFAULT_CHAT_STOPS
 from ..checkpoint import load_classifier, load_model, verify
 from ..config import ConfigError, require
 from ..data.loader import TokenDataset
 from ..data.prepare import MANIFEST, DataError
+from ..data.records import IGNORE_INDEX, labelled_texts, read_records, sft_segments
 from ..heads import classification_ids
 from ..inference.engine import Engine, EngineConfig
 from ..inference.sampling import SamplingParams

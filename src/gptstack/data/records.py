@@ -1,4 +1,4 @@
-"""Fine-tuning data: labelled texts for classification, prompt/response pairs or chats for SFT.
+"""Task data for fine-tuning and evaluation: labelled texts, prompt/response pairs and chats.
 
 Records come from TSV, CSV (a header row names the columns) or JSONL (one object per line). For
 supervised fine-tuning (SFT) each example becomes token ids plus a mask of the tokens the model
@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from ..chat import chat_segments
-from ..data.prepare import DataError, json_lines
 from ..tokenizer import Tokenizer
+from .prepare import DataError, json_lines
 
 IGNORE_INDEX = -100       # targets the loss skips (prompt tokens, padding)
 TEXT_FIELDS = ("text", "sentence", "input", "document")
