@@ -141,3 +141,16 @@ def test_two_worker_processes_share_one_study(shakespeare, tmp_path):
     assert 4 <= len(complete) <= 5            # each worker stops once the study has 4 finished trials
     assert len({t.params["learning_rate"] for t in complete}) == len(complete)   # the workers drew different points
     assert len(list((out / "trials").iterdir())) == len(study.trials)
+
+
+def test_a_study_grows_with_more_trials_but_not_with_another_space(shakespeare, tmp_path):
+    out = tmp_path / "study"
+    space = tiny_space(shakespeare, n_trials=2, pruner="none")
+    run_cli("tune", "--space", write(tmp_path / "space.yaml", space), "--out", str(out), "--quiet", check=True)
+    space["n_trials"] = 3          # a bigger budget for the same search continues the study
+    run_cli("tune", "--space", write(tmp_path / "space.yaml", space), "--out", str(out), "--quiet", check=True)
+    study = optuna.load_study(study_name="study", storage=f"sqlite:///{out / 'study.db'}")
+    assert len(study.trials) == 3
+    space["space"]["learning_rate"]["high"] = 1e-1
+    proc = run_cli("tune", "--space", write(tmp_path / "space.yaml", space), "--out", str(out), "--quiet")
+    assert proc.returncode == 2 and "another search space" in proc.stderr

@@ -88,7 +88,7 @@ class StudySpec:
     params: list[Param]
     pruner_startup_trials: int = 3
     pruner_warmup_steps: int = 0
-    digest: str = ""          # of the file's content: a resumed study must search the same space
+    digest: str = ""          # a resumed study must search the same space (see _digest)
 
     def trial_config(self, overrides: dict) -> TrainConfig:
         return build_train_config(self.base_config, {**self.fixed, **overrides}, cls=self.config_class)
@@ -200,7 +200,15 @@ def load_spec(path: str | Path) -> StudySpec:
                 raise ConfigError(f"{path}: space.{p.name} = {value!r} gives an invalid config: {exc}") from None
     return StudySpec(command, cls, base, fixed, objective, direction, sampler, pruner, n_trials,
                      int(raw.get("seed", 0)), params, int(raw.get("pruner_startup_trials", 3)),
-                     int(raw.get("pruner_warmup_steps", 0)), hashlib.sha256(path.read_bytes()).hexdigest()[:16])
+                     int(raw.get("pruner_warmup_steps", 0)), _digest(raw, base))
+
+
+def _digest(raw: dict, base: Path | None) -> str:
+    """What a study's results depend on: the command, base config, fixed values, objective and space.
+    The trial budget, sampler and pruner may change between runs of the same study."""
+    defining = {k: raw.get(k) for k in ("command", "fixed", "objective", "direction", "space")}
+    defining["base_config"] = base.read_text() if base else None
+    return hashlib.sha256(json.dumps(defining, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _cast(p: Param, value):

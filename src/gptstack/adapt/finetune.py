@@ -117,8 +117,9 @@ class FinetuneConfig(TrainConfig):
                           [t.strip() for t in self.lora_targets.split(",") if t.strip()])
 
     def validate(self) -> "FinetuneConfig":
-        super().validate()
         require(bool(self.init_from), "init_from is required: the checkpoint to fine-tune (e.g. runs/demo/best)")
+        require(bool(self.data), "data is required: a .tsv/.csv/.jsonl file of examples (see README, Fine-tune)")
+        super().validate()
         require(self.task in TASKS, f"task must be one of {TASKS}, got {self.task!r}")
         require(self.best_metric in TASK_METRICS[self.task],
                 f"best_metric must be one of {TASK_METRICS[self.task]} for task {self.task}, got {self.best_metric!r}")
