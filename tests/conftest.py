@@ -57,6 +57,28 @@ def run_cli(*args: str, timeout: float = 300, env: dict | None = None, check: bo
     return proc
 
 
+def assert_torchrun_matches_one_process(command: str, single: dict, double: dict, keys: tuple[str, ...],
+                                        weights_atol: float) -> None:
+    """Run ``gptstack <command>`` once as one process with ``single`` and once under torchrun with 2 CPU
+    processes with ``double``; their logged ``keys`` and final weights must agree."""
+    import torch
+    from safetensors.torch import load_file
+    from gptstack.train.metrics import read_metrics
+    run_cli(command, *cli_args(single), env={"OMP_NUM_THREADS": "1"}, check=True)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "gptstack.cli", command, *cli_args(double)],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600,
+                          cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [read_metrics(Path(cfg["out_dir"]) / "metrics.jsonl") for cfg in (single, double)]
+    assert rows[1][0]["world_size"] == 2
+    for key in keys:
+        a, b = ([r[key] for r in run if key in r] for run in rows)
+        assert len(a) == len(b) > 0 and a == pytest.approx(b, rel=1e-4, abs=1e-5), key
+    w1, w2 = (load_file(Path(cfg["out_dir"]) / "last" / "model.safetensors") for cfg in (single, double))
+    assert all(torch.allclose(w1[k], w2[k], atol=weights_atol) for k in w1)
+
+
 def free_port() -> int:
     import socket
     with socket.socket() as s:

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +11,7 @@ import torch.nn.functional as F
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from safetensors.torch import load_file
 
-from conftest import REPO, cli_args, run_cli, tiny_finetune_overrides, write_sentiment
+from conftest import REPO, assert_torchrun_matches_one_process, run_cli, tiny_finetune_overrides, write_sentiment
 from gptstack.data.records import IGNORE_INDEX, encode_sft, pack_windows, read_records
 from gptstack.adapt.finetune import FinetuneConfig, finetune
 from gptstack.chat import DEFAULT_CHAT_TEMPLATE, chat_segments
@@ -218,21 +215,9 @@ def test_finetune_under_torchrun_matches_one_process(tiny_checkpoint, tmp_path):
     common = {"max_steps": 6, "eval_interval": 3, "log_interval": 1, "model.clf_pdrop": 0.0}
     single = tiny_finetune_overrides(tiny_checkpoint, data, tmp_path / "single", batch_size=8, **common)
     double = tiny_finetune_overrides(tiny_checkpoint, data, tmp_path / "ddp", batch_size=4, **common)
-    run_cli("finetune", *cli_args(single), env={"OMP_NUM_THREADS": "1"}, check=True)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "gptstack.cli", "finetune", *cli_args(double)],
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {name: read_metrics(tmp_path / name / "metrics.jsonl") for name in ("single", "ddp")}
-    assert rows["ddp"][0]["world_size"] == 2
-    for key in ("loss", "val_loss", "val_accuracy"):
-        a = [r[key] for r in rows["single"] if key in r]
-        b = [r[key] for r in rows["ddp"] if key in r]
-        assert len(a) == len(b) > 0 and a == pytest.approx(b, rel=1e-4, abs=1e-5)
-    w1 = load_file(tmp_path / "single" / "last" / "model.safetensors")
-    w2 = load_file(tmp_path / "ddp" / "last" / "model.safetensors")
     # Adam turns the summation-order noise of near-zero gradients (attention biases) into ~1e-5 steps
-    assert all(torch.allclose(w1[k], w2[k], atol=1e-4) for k in w1)
+    assert_torchrun_matches_one_process("finetune", single, double, ("loss", "val_loss", "val_accuracy"),
+                                        weights_atol=1e-4)
 
 
 def test_sft_finetune_lowers_response_loss(tiny_checkpoint, tmp_path):

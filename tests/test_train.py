@@ -14,7 +14,7 @@ from gptstack.train.loop import train
 from gptstack.train.metrics import read_metrics
 from gptstack.train.optim import learning_rate, micro_batches
 
-from conftest import REPO, cli_args, run_cli, tiny_overrides
+from conftest import assert_torchrun_matches_one_process, cli_args, run_cli, tiny_overrides
 
 
 def test_training_lowers_loss_and_writes_everything(shakespeare, tmp_path):
@@ -107,21 +107,7 @@ def test_ddp_two_processes_match_one(shakespeare, tmp_path):
     common = dict(max_steps=6, eval_interval=3, grad_accum_steps=2, log_interval=1)
     single = tiny_overrides(shakespeare, tmp_path / "single", batch_size=4, **common)
     double = tiny_overrides(shakespeare, tmp_path / "ddp", batch_size=2, **common)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run_cli("train", *cli_args(single), env={"OMP_NUM_THREADS": "1"}, check=True)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "gptstack.cli", "train", *cli_args(double)],
-                          env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {name: read_metrics(tmp_path / name / "metrics.jsonl") for name in ("single", "ddp")}
-    assert rows["ddp"][0]["world_size"] == 2
-    for key in ("loss", "val_loss"):
-        a = [r[key] for r in rows["single"] if key in r]
-        b = [r[key] for r in rows["ddp"] if key in r]
-        assert len(a) == len(b) > 0 and a == pytest.approx(b, rel=1e-4, abs=1e-5)
-    w1 = load_file(tmp_path / "single" / "last" / "model.safetensors")
-    w2 = load_file(tmp_path / "ddp" / "last" / "model.safetensors")
-    assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+    assert_torchrun_matches_one_process("train", single, double, ("loss", "val_loss"), weights_atol=1e-5)
 
 
 def test_train_cli_bad_input_is_explained(tmp_path, shakespeare):
