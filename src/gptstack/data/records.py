@@ -8,6 +8,7 @@ fixed-length windows, so batches have one static shape and little padding.
 
 from __future__ import annotations
 
+import bisect
 import csv
 import json
 from dataclasses import dataclass
@@ -132,7 +133,7 @@ def encode_sft(records: list[dict], tokenizer: Tokenizer, source: str) -> list[t
 
 def pack_windows(examples: list[tuple[list[int], list[bool]]], block_size: int,
                  pad_id: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Pack whole examples into windows of block_size + 1 tokens (first fit, longest first).
+    """Pack whole examples into windows of block_size + 1 tokens (best fit, longest first).
 
     Returns inputs [N, block_size], targets [N, block_size] (IGNORE_INDEX except where the next
     token is a response token) and how many examples were cut to fit (their prompt's start is
@@ -147,15 +148,17 @@ def pack_windows(examples: list[tuple[list[int], list[bool]]], block_size: int,
             ids, mask, truncated = ids[-width:], mask[-width:], truncated + 1
         fitted.append((ids, mask))
     windows: list[list[tuple[list[int], list[bool]]]] = []
-    room: list[int] = []
+    rooms: list[tuple[int, int]] = []          # (free tokens, window) of windows with room, sorted
     for ids, mask in sorted(fitted, key=lambda e: -len(e[0])):
-        slot = next((w for w, free in enumerate(room) if free >= len(ids)), None)
-        if slot is None:
+        at = bisect.bisect_left(rooms, (len(ids), -1))    # the fullest window it still fits in
+        if at == len(rooms):
             windows.append([])
-            room.append(width)
-            slot = len(windows) - 1
-        windows[slot].append((ids, mask))
-        room[slot] -= len(ids)
+            free, window = width, len(windows) - 1
+        else:
+            free, window = rooms.pop(at)
+        windows[window].append((ids, mask))
+        if free - len(ids) > 0:
+            bisect.insort(rooms, (free - len(ids), window))
     tokens = torch.full((len(windows), width), pad_id, dtype=torch.long)
     learn = torch.zeros((len(windows), width), dtype=torch.bool)
     for w, members in enumerate(windows):
