@@ -154,3 +154,10 @@ def test_a_study_grows_with_more_trials_but_not_with_another_space(shakespeare, 
     space["space"]["learning_rate"]["high"] = 1e-1
     proc = run_cli("tune", "--space", write(tmp_path / "space.yaml", space), "--out", str(out), "--quiet")
     assert proc.returncode == 2 and "another search space" in proc.stderr
+
+
+def test_a_storage_that_cannot_be_opened_is_a_clear_error(shakespeare, tmp_path):
+    space = write(tmp_path / "space.yaml", tiny_space(shakespeare))
+    proc = run_cli("tune", "--space", space, "--out", str(tmp_path / "s"), "--storage", "notadb://nowhere", "--quiet")
+    assert proc.returncode == 2 and "cannot open the study storage 'notadb://nowhere'" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import math
 import time
 from contextlib import nullcontext
@@ -61,6 +62,7 @@ from ..train.optim import (
     set_learning_rate,
 )
 
+log = logging.getLogger("gptstack.finetune")
 TASKS = ("classification", "sft")
 # What each task's validation reports (and so what can pick best/ or be a tuning objective).
 TASK_METRICS = {"classification": ("val_loss", "accuracy", "f1_macro", "precision_macro", "recall_macro"),
@@ -248,8 +250,8 @@ class SFTTask:
     def _pack(self, examples, tokenizer, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         x, y, truncated = pack_windows(examples, self.block_size, tokenizer.eot_id)
         if truncated:
-            print(f"note: {truncated} {name} example(s) longer than the context of {self.block_size} tokens "
-                  "lost the start of their prompt")
+            log.warning("%d %s example(s) longer than the context of %d tokens lost the start of their prompt",
+                        truncated, name, self.block_size)
         if not (y != IGNORE_INDEX).any():
             raise DataError(f"the {name} examples have no response tokens to learn from")
         return x, y

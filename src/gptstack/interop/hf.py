@@ -9,6 +9,7 @@ needed to read or write the format; tests use it to prove the logits agree.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from ..tokenizer import ASSETS, GPT2Tokenizer, HFTokenizer, Tokenizer, load_toke
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 HF_ACTIVATIONS = {"gelu": "gelu_new", "gelu_exact": "gelu"}
 FROM_HF_ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu_fast": "gelu", "gelu": "gelu_exact"}
+log = logging.getLogger("gptstack.interop")
 
 
 def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
@@ -60,8 +62,12 @@ def hf_config(cfg: ModelConfig, tokenizer: Tokenizer) -> dict:
 
 
 def export_hf(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write a gptstack checkpoint as a directory that ``GPT2LMHeadModel.from_pretrained`` loads."""
-    model, tokenizer, _ = load_model(checkpoint_dir)
+    """Write a gptstack checkpoint as a directory that ``GPT2LMHeadModel.from_pretrained`` loads.
+    LoRA adapters are merged in; a classification head is left out (GPT-2's own has no bias and
+    reads another token), so the export is the backbone as a language model."""
+    model, tokenizer, config = load_model(checkpoint_dir)
+    if config.get("head"):
+        log.warning("%s has a classification head; only its language-model backbone is exported", checkpoint_dir)
     cfg = model.config
     if cfg.attention != "dense":
         raise CheckpointError("the Hugging Face GPT-2 format has no locally banded attention; only models with "
