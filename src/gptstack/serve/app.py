@@ -321,7 +321,8 @@ def create_app(engine: Engine, config: ServeConfig, start_engine: bool = True,
     @app.get("/", response_class=HTMLResponse)
     @app.get("/playground", response_class=HTMLResponse)
     async def playground():
-        return HTMLResponse(PLAYGROUND.read_text().replace("{{MODEL}}", config.model_name))
+        page = PLAYGROUND.read_text().replace("{{MODEL}}", config.model_name)
+        return HTMLResponse(page.replace("{{CLASSIFIER}}", "true" if classifier is not None else "false"))
 
     @app.get("/v1/models")
     async def models():
