@@ -296,11 +296,8 @@ def finetune(cfg: FinetuneConfig, on_eval: Callable[[int, int, dict], None] | No
     called after each validation (tuning prunes there)."""
     cfg.validate()
     tune_allocator()
-    info = distributed.setup(cfg.device)
-    try:
+    with distributed.process_group(cfg.device) as info:
         return _finetune(cfg, info, on_eval)
-    finally:
-        distributed.teardown(info)
 
 
 def _finetune(cfg: FinetuneConfig, info: distributed.DistInfo, on_eval) -> FinetuneResult:

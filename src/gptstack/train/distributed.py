@@ -8,7 +8,9 @@ runs as a single process. See docs/distributed.md for multi-node command lines.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -73,3 +75,13 @@ def barrier(info: DistInfo) -> None:
 def teardown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def process_group(device_name: str) -> Iterator[DistInfo]:
+    """This process's place in the run (set up from torchrun's variables), torn down on the way out."""
+    info = setup(device_name)
+    try:
+        yield info
+    finally:
+        teardown(info)

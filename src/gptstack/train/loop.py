@@ -78,11 +78,8 @@ def train(cfg: TrainConfig, on_eval: Callable[[int, int, dict], None] | None = N
     validation on every rank (tuning prunes there)."""
     cfg.validate()
     tune_allocator()
-    info = distributed.setup(cfg.device)
-    try:
+    with distributed.process_group(cfg.device) as info:
         return _train(cfg, info, on_eval)
-    finally:
-        distributed.teardown(info)
 
 
 def _train(cfg: TrainConfig, info: distributed.DistInfo, on_eval) -> TrainResult:
