@@ -14,7 +14,7 @@ import yaml
 
 from conftest import run_cli
 from gptstack.config import ConfigError
-from gptstack.tune import load_spec
+from gptstack.tune import Param, grid, load_spec
 
 
 def tiny_space(data, **changes) -> dict:
@@ -161,3 +161,10 @@ def test_a_storage_that_cannot_be_opened_is_a_clear_error(shakespeare, tmp_path)
     proc = run_cli("tune", "--space", space, "--out", str(tmp_path / "s"), "--storage", "notadb://nowhere", "--quiet")
     assert proc.returncode == 2 and "cannot open the study storage 'notadb://nowhere'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_grid_lists_every_step_of_a_range():
+    params = [Param("weight_decay", float, 0.0, 0.3, step=0.1), Param("warmup_steps", int, 0, 40, step=10),
+              Param("model.n_layer", object, values=[2, 4])]
+    assert grid(params) == {"weight_decay": [0.0, 0.1, 0.2, 0.3], "warmup_steps": [0, 10, 20, 30, 40],
+                            "model.n_layer": [2, 4]}

@@ -212,7 +212,10 @@ def _digest(raw: dict, base: Path | None) -> str:
 
 
 def _cast(p: Param, value):
-    return int(value) if p.kind is int else value
+    """A value of the field's type; grid floats rounded so 0.1 * 3 is 0.3."""
+    if p.kind is int:
+        return int(value)
+    return round(value, 12) if isinstance(value, float) else value
 
 
 def grid(params: list[Param]) -> dict[str, list]:
