@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .model import GPT, Dropout
+from .model import GPT
 from .tokenizer import Tokenizer
 
 
@@ -27,7 +27,7 @@ class SequenceClassifier(nn.Module):
         if len(labels) < 2:
             raise ValueError(f"a classifier needs at least two labels, got {labels}")
         self.gpt, self.labels = gpt, list(labels)
-        self.dropout = Dropout(gpt.config.clf_pdrop)
+        self.dropout = nn.Dropout(gpt.config.clf_pdrop)
         self.head = nn.Linear(gpt.config.n_embd, len(labels))
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)

@@ -21,8 +21,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .model import Dropout
-
 # The GPT's projections by their module names: attention in/out, MLP up/down.
 LORA_TARGETS = ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj")
 
@@ -63,7 +61,7 @@ class LoRALinear(nn.Linear):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, cfg.rank, device=base.weight.device,
                                                dtype=base.weight.dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.lora_dropout = Dropout(cfg.dropout)
+        self.lora_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
