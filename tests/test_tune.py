@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -130,6 +131,10 @@ def test_finetune_study_with_grid_sampler(tiny_checkpoint, tmp_path):
     assert sorted((t.params["learning_rate"], t.params["lora_rank"]) for t in study.trials) == \
         [(1e-3, 0), (1e-3, 4), (1e-2, 0), (1e-2, 4)]
     assert "gptstack finetune --config" in (out / "best_config.yaml").read_text()
+    best = yaml.safe_load((out / "best_config.yaml").read_text())
+    assert best["best_metric"] == "accuracy"           # trials kept the checkpoint their value came from
+    kept = json.loads((out / "trials" / f"trial_{study.best_trial.number:04d}" / "best" / "config.json").read_text())
+    assert kept["meta"]["metrics"]["accuracy"] == pytest.approx(study.best_value)
 
 
 def test_two_worker_processes_share_one_study(shakespeare, tmp_path):

@@ -177,6 +177,8 @@ def load_spec(path: str | Path) -> StudySpec:
     if objective not in OBJECTIVES[task]:
         raise ConfigError(f"{path}: objective {objective!r} is not reported by {command} ({task}); "
                           f"choose one of {OBJECTIVES[task]}")
+    if command == "finetune" and "best_metric" not in fixed:
+        fixed = {**fixed, "best_metric": objective}    # each trial keeps the checkpoint its value comes from
     direction = raw.get("direction") or ("minimize" if objective in LOWER_IS_BETTER else "maximize")
     sampler, pruner = raw.get("sampler", "tpe"), raw.get("pruner", "median")
     if direction not in ("minimize", "maximize"):

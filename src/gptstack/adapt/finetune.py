@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -55,12 +56,8 @@ from ..model import GPT
 from ..runtime import autocast, resolve_dtype, tune_allocator
 from ..train import distributed
 from ..train.metrics import MetricsWriter
-from ..train.optim import (
-    build_optimizer,
-    clip_and_step,
-    learning_rate,
-    set_learning_rate,
-)
+from ..train.loop import with_config
+from ..train.optim import build_optimizer, clip_and_step, learning_rate, set_learning_rate
 
 log = logging.getLogger("gptstack.finetune")
 TASKS = ("classification", "sft")
@@ -283,12 +280,17 @@ class SFTTask:
 
 # --- the loop ------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=2)
+def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+    """The seeded permutation one epoch walks through (drawn once per epoch, not per step)."""
+    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
 def batch_rows(num_examples: int, batch_size: int, seed: int, step: int) -> np.ndarray:
     """Rows of optimizer step ``step``: epochs walk seeded permutations, batch by batch."""
     per_epoch = max(1, num_examples // batch_size)
     epoch, offset = divmod(step, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(num_examples)
-    return order[offset * batch_size:(offset + 1) * batch_size]
+    return epoch_order(num_examples, seed, epoch)[offset * batch_size:(offset + 1) * batch_size]
 
 
 def finetune(cfg: FinetuneConfig, on_eval: Callable[[int, int, dict], None] | None = None) -> FinetuneResult:
@@ -359,7 +361,7 @@ def _finetune(cfg: FinetuneConfig, info: distributed.DistInfo, on_eval) -> Finet
 
     bar = tqdm(total=steps, initial=step, desc=f"fine-tuning ({cfg.task})", unit="step", disable=not show,
                dynamic_ncols=True)
-    loss_sum, window_start, window_examples = torch.zeros(()), time.perf_counter(), 0
+    loss_sum, window_start, window_examples = torch.zeros((), device=device), time.perf_counter(), 0
     last_loss = float("nan")
     while step < steps:
         lr = learning_rate(step, cfg, steps)
@@ -372,13 +374,13 @@ def _finetune(cfg: FinetuneConfig, info: distributed.DistInfo, on_eval) -> Finet
                 with autocast(device, dtype):
                     loss = task.loss(trained, task.batch(micro, device))
                 scaler.scale(loss * len(micro) / len(rows)).backward()
-            loss_sum += loss.detach().float().cpu() * len(micro) / len(rows)
+            loss_sum += loss.detach().float() * len(micro) / len(rows)   # stays on the device: no sync
         grad_norm = clip_and_step(model, optimizer, cfg.grad_clip, scaler)
         step += 1
         window_examples += len(rows) * info.world_size
         bar.update(1)
         if step % cfg.log_interval == 0 or step == steps:
-            last_loss = (distributed.mean_across_ranks(loss_sum.to(device), info) / ((step - 1) % cfg.log_interval + 1)).item()
+            last_loss = (distributed.mean_across_ranks(loss_sum, info) / ((step - 1) % cfg.log_interval + 1)).item()
             rate = window_examples / (time.perf_counter() - window_start)
             metrics.write(step, loss=last_loss, lr=lr, examples_per_s=round(rate, 1),
                           grad_norm=None if grad_norm is None else round(float(grad_norm), 4))
@@ -425,7 +427,7 @@ def _build(cfg: FinetuneConfig, resuming: bool, out: Path, is_main: bool = True)
     else:
         gpt, tokenizer, _ = load_model(cfg.init_from)
         if cfg.model:
-            gpt = _with_dropout(gpt, cfg.model)
+            gpt = with_config(gpt, dataclasses.replace(gpt.config, **{k: float(v) for k, v in cfg.model.items()}))
 
     records = read_records(cfg.data)
     if cfg.eval_data:
@@ -450,13 +452,6 @@ def _build(cfg: FinetuneConfig, resuming: bool, out: Path, is_main: bool = True)
             p.requires_grad_(is_lora_key(name))
     freeze(gpt, cfg.freeze_layers, cfg.freeze_embeddings)
     return model, tokenizer, task
-
-
-def _with_dropout(gpt: GPT, overrides: dict) -> GPT:
-    cfg = dataclasses.replace(gpt.config, **{k: float(v) for k, v in overrides.items()}).validate()
-    fresh = GPT(cfg)
-    fresh.load_state_dict(gpt.state_dict())
-    return fresh
 
 
 def _for_serving(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.nn.Module:

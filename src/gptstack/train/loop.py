@@ -108,7 +108,7 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, on_eval) -> TrainResult
                              "use another out_dir or pass --resume false")
     elif cfg.init_from:
         model, _, _ = load_model(cfg.init_from)
-        model = _with_config(model, model_cfg)
+        model = with_config(model, model_cfg)
     else:
         model = GPT(model_cfg)
     model.to(device).train()
@@ -240,9 +240,9 @@ def _train(cfg: TrainConfig, info: distributed.DistInfo, on_eval) -> TrainResult
                        run_tokens / elapsed if elapsed > 0 else 0.0)
 
 
-def _with_config(model: GPT, cfg) -> GPT:
-    """Start a differently configured run (e.g. other dropout) from a checkpoint's weights."""
-    fresh = GPT(cfg)
+def with_config(model: GPT, cfg) -> GPT:
+    """A GPT of config ``cfg`` (e.g. other dropout rates) holding ``model``'s weights."""
+    fresh = GPT(cfg.validate())
     missing, unexpected = fresh.load_state_dict(model.state_dict(), strict=False)
     if missing or unexpected:
         raise ValueError(f"init_from weights do not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
