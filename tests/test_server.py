@@ -281,7 +281,7 @@ def test_classify_route(tiny_classifier, server):
     from gptstack.checkpoint import load_classifier
     from gptstack.heads import classification_ids
     texts = ["this movie was wonderful , the plot too", "the acting was dreadful , every scene too"]
-    s = Server(tiny_classifier, "--max-batch-size", "4")
+    s = Server(tiny_classifier, "--max-batch-size", "4", "--tokens-per-minute", "40")
     try:
         url = s.url + "/v1/classify"
         assert httpx.post(url, json={"input": texts[0]}).status_code == 401
@@ -303,6 +303,11 @@ def test_classify_route(tiny_classifier, server):
         # the same server still completes text with the fine-tuned backbone
         assert httpx.post(s.url + "/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 3},
                           headers=s.headers).status_code == 200
+        # the same per-key token budget as the completion routes: about 24 of 40 tokens spent, so 3 more
+        # texts (~29 tokens) must wait, and 6 can never fit
+        big = httpx.post(url, json={"input": texts * 3}, headers=s.headers)
+        assert big.status_code == 400 and "per-minute limit of 40" in big.json()["error"]["message"]
+        assert httpx.post(url, json={"input": texts + texts[:1]}, headers=s.headers).status_code == 429
     finally:
         s.stop()
     # a language model without a head answers 404 with a hint

@@ -189,6 +189,16 @@ def create_app(engine: Engine, config: ServeConfig, start_engine: bool = True,
                               seed=None if body.seed is None else body.seed + seed_offset, stop=stops,
                               stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos, logprobs=logprobs)
 
+    def charge(request: Request, tokens: int, remedy: str, param: str) -> None:
+        """Count ``tokens`` against the key's rate limits, or refuse (400 if they can never fit, else 429)."""
+        if limiter.exceeds_capacity(tokens):
+            raise APIError(400, f"this request needs {tokens} tokens, more than the per-minute limit of "
+                           f"{config.tokens_per_minute}; {remedy}", param=param)
+        wait = limiter.acquire(request.state.key_id, tokens)
+        if wait:
+            raise APIError(429, f"rate limit reached for this API key; retry in {wait:.0f}s", "rate_limit_error",
+                           code="rate_limit_exceeded", headers={"Retry-After": str(int(wait))})
+
     def admit(request: Request, prompts: list[list[int]], params: list[SamplingParams]) -> list[RequestHandle]:
         """Validate against the context, charge the rate limits, and submit everything or nothing."""
         for ids, p in zip(prompts, params):
@@ -196,14 +206,8 @@ def create_app(engine: Engine, config: ServeConfig, start_engine: bool = True,
                 engine.check(ids, p)
             except ValueError as exc:
                 raise APIError(400, str(exc), param="prompt") from None
-        tokens = sum(len(ids) + p.max_new_tokens for ids, p in zip(prompts, params))
-        if limiter.exceeds_capacity(tokens):
-            raise APIError(400, f"this request needs {tokens} tokens, more than the per-minute limit of "
-                           f"{config.tokens_per_minute}; lower max_tokens or n", param="max_tokens")
-        wait = limiter.acquire(request.state.key_id, tokens)
-        if wait:
-            raise APIError(429, f"rate limit reached for this API key; retry in {wait:.0f}s", "rate_limit_error",
-                           code="rate_limit_exceeded", headers={"Retry-After": str(int(wait))})
+        charge(request, sum(len(ids) + p.max_new_tokens for ids, p in zip(prompts, params)),
+               "lower max_tokens or n", "max_tokens")
         handles = []
         try:
             for ids, p in zip(prompts, params):
@@ -355,10 +359,7 @@ def create_app(engine: Engine, config: ServeConfig, start_engine: bool = True,
                            "`gptstack finetune --task classification`", code="no_classifier")
         ids = [classification_ids(tokenizer, text, engine.model.config.block_size) for text in body.input]
         tokens = sum(len(i) for i in ids)
-        wait = limiter.acquire(request.state.key_id, tokens)
-        if wait:
-            raise APIError(429, f"rate limit reached for this API key; retry in {wait:.0f}s", "rate_limit_error",
-                           code="rate_limit_exceeded", headers={"Retry-After": str(int(wait))})
+        charge(request, tokens, "send fewer or shorter texts", "input")
         try:
             probs = await asyncio.wrap_future(engine.call(lambda: classifier.predict(ids)))
         except (QueueFull, EngineStopped) as exc:
