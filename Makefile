@@ -33,7 +33,7 @@ demo: install
 
 ## sst2: the fine-tuning recipe: pretrain the demo model (if not done), fine-tune SST-2, evaluate
 sst2: install
-	test -f runs/demo/best/checksums.json || $(BIN)/gptstack train --config configs/demo.yaml --resume false
+	test -f runs/demo/result.json || $(BIN)/gptstack train --config configs/demo.yaml   # resumes a stopped demo run
 	$(BIN)/gptstack finetune --config configs/sst2.yaml
 	$(BIN)/gptstack eval --checkpoint runs/sst2/best --data runs/sst2/splits/val.jsonl --report runs/sst2/report.html
 

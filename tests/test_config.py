@@ -54,12 +54,43 @@ def test_nvidia_style_json_config_loads(tmp_path):
               "eval_batch_size": 4, "optimizer": "adam"}
     path = tmp_path / "gpt3.json"
     path.write_text(json.dumps(config))
-    cfg = build_train_config(path, {"max_steps": "0"})
+    cfg = build_train_config(path)
     m = cfg.model_config()
     assert (m.n_embd, m.n_layer, m.n_head, m.attn_pdrop, m.resid_pdrop, m.activation) == (128, 3, 4, 0.05, 0.2, "gelu")
+    assert (m.embd_pdrop, m.clf_pdrop) == (0.1, 0.1)
     assert (cfg.learning_rate, cfg.lr_decay, cfg.lr_decay_steps, cfg.max_epochs) == (2.5e-4, "cosine", 500, 2.0)
     assert (cfg.data, cfg.eval_data, cfg.batch_size, cfg.eval_batch_size, cfg.optimizer) == \
         ("data/train", "data/val", 8, 4, "adam")
+    assert cfg.planned_steps(steps_per_epoch=100.5) == 201   # max_epochs decides: max_steps was not given
+
+
+def test_run_length_rule():
+    """max_steps given wins; otherwise max_epochs; otherwise 1000 steps; under max_time alone, no cap."""
+    def steps(**overrides):
+        return build_train_config(None, {"data": "x", **overrides}).planned_steps(steps_per_epoch=10.2)
+    assert steps() == 1000
+    assert steps(max_epochs=2) == 21
+    assert steps(max_steps=7, max_epochs=2) == 7
+    assert steps(max_time=60) == 0 and steps(max_time=60, max_epochs=1) == 11
+
+
+def test_adam_and_adamw_decay_differently():
+    """adamw shrinks a weight by lr * wd * w on its own; adam adds wd * w to the gradient, which Adam's
+    normalisation turns into a step of lr * sign(w)."""
+    import torch
+    from gptstack.train.optim import build_optimizer
+    moved = {}
+    for name in ("adamw", "adam"):
+        cfg = build_train_config(None, {"data": "x", "optimizer": name, "learning_rate": 0.01, "weight_decay": 0.1})
+        layer = torch.nn.Linear(2, 2, bias=False)
+        with torch.no_grad():
+            layer.weight.copy_(torch.tensor([[1.0, -2.0], [0.5, 4.0]]))
+        layer.weight.grad = torch.zeros(2, 2)   # no loss gradient: only weight decay moves the weights
+        before = layer.weight.detach().clone()
+        build_optimizer(layer, cfg, torch.device("cpu")).step()
+        moved[name] = before - layer.weight.detach()
+    torch.testing.assert_close(moved["adamw"], 0.01 * 0.1 * torch.tensor([[1.0, -2.0], [0.5, 4.0]]))
+    torch.testing.assert_close(moved["adam"], 0.01 * torch.tensor([[1.0, -1.0], [1.0, 1.0]]), rtol=1e-5, atol=1e-7)
 
 
 def test_yaml_and_overrides(tmp_path):

@@ -91,6 +91,50 @@ def test_requests_that_cannot_fit_are_refused(engine):
         engine.submit([1], SamplingParams(top_p=0))
 
 
+def greedy_with_context_shift(model, prompt: list[int], n: int, window: int) -> tuple[list[int], int]:
+    """Greedy tokens recomputed from scratch on what a context shift keeps (whenever the context
+    outgrows the window, only its newest half), and how many shifts that took."""
+    ids, start, shifts = list(prompt), 0, 0
+    with torch.no_grad():
+        for _ in range(n):
+            if len(ids) - start > window:
+                start, shifts = len(ids) - window // 2, shifts + 1
+            ids.append(int(model(torch.tensor([ids[start:]]))[0][0, -1].argmax()))
+    return ids[len(prompt):], shifts
+
+
+def test_context_shift_keeps_the_newest_half_and_goes_on(tiny_checkpoint):
+    model, tok, _ = load_model(tiny_checkpoint)
+    engine = Engine(model, tok, EngineConfig(max_batch_size=2, max_seq_len=32, prefill_chunk=8, context_shift=True))
+    short = tok.encode("ROMEO:")
+    long = tok.encode("First Citizen:\nBefore we proceed any further, hear me speak.\nAll:\nSpeak, speak. You are "
+                      "all resolved rather to die than to famish?")
+    assert len(long) > 32
+    params = SamplingParams(max_new_tokens=70, temperature=0, ignore_eos=True)
+    together = engine.generate([short, long], params)      # in one batch, shifting at different steps
+    shifts = 0
+    for prompt, completion in zip((short, long), together):
+        expected, shifted = greedy_with_context_shift(model, prompt, 70, 32)
+        assert completion.token_ids == expected and shifted >= 3
+        assert completion.finish_reason == "length" and completion.text == tok.decode(completion.token_ids)
+        shifts += shifted
+    assert engine.stats["context_shifts"] == shifts
+
+
+def test_stream_yields_events_as_they_come_and_frees_the_slot_when_dropped(tiny_checkpoint, engine):
+    model, tok, _ = load_model(tiny_checkpoint)
+    inline = Engine(model, tok, EngineConfig(max_batch_size=1))
+    params = SamplingParams(max_new_tokens=30, seed=2, ignore_eos=True)
+    expected = inline.generate(["ROMEO:"], params)[0].text
+    stream = inline.stream("ROMEO:", params)
+    first = next(stream)
+    assert first.finish_reason is None and inline.batch_size == 1    # the rest is not computed yet
+    stream.close()
+    assert "".join(e.text for e in inline.stream("ROMEO:", params)) == expected
+    assert inline.batch_size == 0 and inline.stats["cancelled"] == 1
+    assert "".join(e.text for e in engine.stream("ROMEO:", params)) == expected   # on a running loop too
+
+
 def test_penalties_follow_openai_and_ctrl_rules():
     logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
     counts = torch.tensor([[2.0, 1.0, 0.0, 0.0]])

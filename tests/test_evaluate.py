@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_cli, tiny_finetune_overrides
+from gptstack.adapt.finetune import FinetuneConfig, finetune
+from gptstack.chat import DEFAULT_CHAT_STOPS
 from gptstack.checkpoint import load_model
+from gptstack.config import build_train_config
 from gptstack.evaluate.metrics import classification_metrics, language_model_metrics, rouge
 from gptstack.evaluate.tasks import sliding_windows
 
@@ -109,18 +113,44 @@ def test_classifier_eval_report_and_json(tiny_classifier, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
-def test_generation_eval_reports_rouge(tiny_checkpoint, tmp_path):
+def greedy_reply(model, tok, prompt: str, n: int) -> str:
+    """What greedy decoding writes after ``prompt``, recomputed without a cache, cut as the eval cuts it
+    (at end-of-text or a new chat turn) and stripped."""
+    ids = tok.encode(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0][0, -1].argmax()))
+    reply = ids[len(tok.encode(prompt)):]
+    text = tok.decode(reply[:reply.index(tok.eot_id)] if tok.eot_id in reply else reply)
+    return min((text[:text.index(s)] for s in DEFAULT_CHAT_STOPS if s in text), key=len, default=text).strip()
+
+
+def test_generation_eval_scores_the_greedy_replies(tiny_checkpoint, tmp_path):
+    """One reference is the model's own greedy reply (ROUGE 1), the other shares no word with it
+    (ROUGE 0): every mean precision, recall and F1 is then exactly 1/2."""
+    # the tiny model only writes newlines; a short SFT run teaches it words to reply with
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text(json.dumps({"prompt": "Summary:", "response": " the king and the queen"}) + "\n")
+    finetune(build_train_config(overrides=tiny_finetune_overrides(
+        tiny_checkpoint, sft, tmp_path / "run", task="sft", max_steps=30, batch_size=8, eval_interval=30,
+        val_fraction=0.0), cls=FinetuneConfig))
+    checkpoint = tmp_path / "run" / "best"
+    model, tok, _ = load_model(checkpoint)
+    prompts = ["Summary:", "ROMEO:\nWhat say you?"]
+    replies = [greedy_reply(model, tok, p, 8) for p in prompts]
+    assert re.search(r"[a-z0-9]+[^a-z0-9]+[a-z0-9]", replies[0].lower()), replies   # two words at least
     data = tmp_path / "summaries.jsonl"
-    rows = [{"prompt": f"Text: the king and the queen {i}\nSummary:", "response": " the king"} for i in range(3)]
+    rows = [{"prompt": prompts[0], "response": " " + replies[0]}, {"prompt": prompts[1], "response": " zzyzx qwxq"}]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "r.json"
-    run_cli("eval", "--checkpoint", str(tiny_checkpoint), "--data", str(data), "--max-new-tokens", "8",
+    run_cli("eval", "--checkpoint", str(checkpoint), "--data", str(data), "--max-new-tokens", "8",
             "--json", str(out), "--quiet", check=True)
     result = json.loads(out.read_text())
-    assert result["task"] == "generation" and result["examples"] == 3
+    assert result["task"] == "generation" and result["examples"] == 2
+    assert [s["prediction"] for s in result["samples"]] == replies
+    assert [s["reference"] for s in result["samples"]] == [replies[0], "zzyzx qwxq"]
     for name in ("rouge1", "rouge2", "rougeL"):
-        assert 0.0 <= result["rouge"][name]["f1"] <= 1.0
-    assert len(result["samples"]) == 3 and all(s["reference"] == "the king" for s in result["samples"])
+        assert result["rouge"][name] == pytest.approx({"precision": 0.5, "recall": 0.5, "f1": 0.5}), name
 
 
 @pytest.mark.parametrize("args, message", [

@@ -13,7 +13,9 @@ import httpx
 import openai
 import pytest
 
+from gptstack.inference.sampling import SamplingParams
 from gptstack.serve.app import ServeConfig, create_app
+from gptstack.serve.schemas import ChatCompletionRequest, CompletionRequest
 from gptstack.serve.security import KeyStore
 
 from conftest import Server
@@ -148,20 +150,27 @@ def test_malformed_oversized_and_non_utf8_bodies(server):
 
 
 def test_concurrent_requests_are_batched(server):
-    """8 concurrent requests take far less than 8x one: they share decode steps."""
+    """8 concurrent requests share decode steps: the engine's own counters show several rows per
+    forward pass (1.0 would mean one request at a time), with no clock involved."""
     body = {"model": "tiny", "prompt": "ROMEO:", "max_tokens": 48, "ignore_eos": True, "temperature": 0}
+
+    def counters() -> dict[str, float]:
+        text = httpx.get(server.url + "/metrics", headers=server.headers).text
+        return {name: float(line.split()[-1]) for line in text.splitlines()
+                for name in ("gptstack_engine_generated_tokens_total", "gptstack_engine_decode_steps_total")
+                if line.startswith(name + " ")}
 
     async def run(n):
         async with httpx.AsyncClient(headers=server.headers, timeout=120) as c:
-            start = time.perf_counter()
             results = await asyncio.gather(*[c.post(server.url + "/v1/completions", json=body) for _ in range(n)])
             assert all(r.status_code == 200 for r in results)
-            return time.perf_counter() - start
 
-    asyncio.run(run(1))   # warm-up
-    one = min(asyncio.run(run(1)) for _ in range(2))
-    eight = asyncio.run(run(8))
-    assert eight < 4 * one, (one, eight)
+    before = counters()
+    asyncio.run(run(8))
+    after = counters()
+    tokens, steps = (after[k] - before[k] for k in ("gptstack_engine_generated_tokens_total",
+                                                      "gptstack_engine_decode_steps_total"))
+    assert tokens >= 8 * 47 and tokens / steps > 3, (tokens, steps)
     metrics = httpx.get(server.url + "/metrics", headers=server.headers).text
     assert "gptstack_time_to_first_token_seconds_count" in metrics and "gptstack_batch_size" in metrics
 
@@ -313,3 +322,43 @@ def test_classify_route(tiny_classifier, server):
     # a language model without a head answers 404 with a hint
     r = httpx.post(server.url + "/v1/classify", json={"input": "hello"}, headers=server.headers)
     assert r.status_code == 404 and "no classification head" in r.json()["error"]["message"]
+
+
+def test_requests_convert_themselves_to_sampling_params():
+    """Every sampling field reaches the engine, and each of the n samples gets its own seed."""
+    body = CompletionRequest(model="tiny", prompt="x", max_tokens=9, temperature=0.5, top_p=0.9, top_k=3, min_p=0.1,
+                             presence_penalty=0.2, frequency_penalty=-0.3, repetition_penalty=1.2, seed=5, stop="END",
+                             stop_token_ids=[7], ignore_eos=True, logprobs=1)
+    assert body.sampling_params(2) == SamplingParams(
+        max_new_tokens=9, temperature=0.5, top_p=0.9, top_k=3, min_p=0.1, presence_penalty=0.2, frequency_penalty=-0.3,
+        repetition_penalty=1.2, seed=7, stop=["END"], stop_token_ids=[7], ignore_eos=True, logprobs=1)
+    assert CompletionRequest(model="tiny", prompt="x", max_tokens=None).sampling_params(0).max_new_tokens == 16
+
+    messages = [{"role": "user", "content": "hi"}]
+    chat = ChatCompletionRequest(model="tiny", messages=messages, stop="x", logprobs=True)
+    params = chat.sampling_params(0, context_left=100, chat_stops=["\nUser:"])
+    assert (params.max_new_tokens, params.stop, params.logprobs, params.seed) == (100, ["x", "\nUser:"], 0, None)
+    chat = ChatCompletionRequest(model="tiny", messages=messages, max_tokens=8, max_completion_tokens=4, logprobs=True,
+                                 top_logprobs=3)
+    assert (chat.sampling_params(1, 100, []).max_new_tokens, chat.sampling_params(1, 100, []).logprobs) == (4, 3)
+    assert ChatCompletionRequest(model="tiny", messages=messages).sampling_params(0, 100, []).logprobs is None
+
+
+def test_streamed_choices_match_whole_ones_with_echo_and_n(client):
+    """The echo leads each streamed choice once, and the n choices of each prompt stay apart."""
+    kwargs = dict(model="tiny", prompt=["ROMEO:", "KING:"], max_tokens=4, n=2, echo=True, temperature=0,
+                  extra_body={"ignore_eos": True})
+    chunks = [c for c in client.completions.create(stream=True, **kwargs) if c.choices]
+    streamed = ["".join(c.choices[0].text for c in chunks if c.choices[0].index == i) for i in range(4)]
+    assert streamed == [c.text for c in client.completions.create(**kwargs).choices]
+
+
+def test_errors_are_counted_by_status(server):
+    def errors(code):
+        return metric(server, re.escape(f'gptstack_errors_total{{code="{code}"}}'))
+
+    before = {code: errors(code) for code in (400, 401, 404)}
+    httpx.post(server.url + "/v1/completions", headers=server.headers, json={"model": "tiny", "prompt": 42})
+    httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "x"})
+    httpx.post(server.url + "/v1/completions", headers=server.headers, json={"model": "gpt-4", "prompt": "x"})
+    assert {code: errors(code) - before[code] for code in before} == {400: 1, 401: 1, 404: 1}

@@ -166,6 +166,16 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu",
     return model.eval(), tokenizer, config
 
 
+def with_config(model: GPT, cfg: ModelConfig) -> GPT:
+    """A GPT of config ``cfg`` (e.g. other dropout rates) holding ``model``'s weights."""
+    fresh = GPT(cfg.validate())
+    missing, unexpected = fresh.load_state_dict(model.state_dict(), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"init_from weights do not fit this model: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}")
+    return fresh
+
+
 def load_classifier(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                     merge_adapter: bool = True) -> tuple[SequenceClassifier, Tokenizer, dict]:
     """A checkpoint written by a classification fine-tune: backbone plus head, in eval mode."""

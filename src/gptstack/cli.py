@@ -3,15 +3,85 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
+import io
 import json
+import re
 import sys
+import textwrap
+import tokenize
+import typing
 
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .data.prepare import DataError
+from .runtime import DTYPES
 from .tokenizer import TokenizerError
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TokenizerError, FileNotFoundError, ValueError)
+QUIET = {"flag": "--quiet", "action": "store_false", "help": "no progress bars"}   # for a `progress` field
+
+
+def field_comments(cls) -> dict[str, str]:
+    """The trailing ``# comment`` of each field in a dataclass's source: the help it already has."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):      # no source shipped: flags without help
+        return {}
+    names, comments = {f.name for f in dataclasses.fields(cls)}, {}
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        declared = re.match(r"\s*(\w+)\s*:", token.line)
+        if token.type == tokenize.COMMENT and declared and declared[1] in names:
+            comments.setdefault(declared[1], token.string.lstrip("#").strip())
+    return comments
+
+
+def _argument_kind(cls, field: dataclasses.Field, hint) -> dict:
+    """argparse settings for one field: its default (or required), and how its type is parsed:
+    a bool is a switch, a list a repeatable flag, ``X | None`` parses as X."""
+    if field.default is not dataclasses.MISSING:
+        settings = {"default": field.default}
+    elif field.default_factory is not dataclasses.MISSING:
+        settings = {"default": field.default_factory()}
+    else:
+        settings = {"required": True}
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if hint is bool:
+        return {**settings, "action": argparse.BooleanOptionalAction if settings.get("default") else "store_true"}
+    if typing.get_origin(hint) is list:
+        settings["action"] = "append"
+    hint = args[0] if args else hint
+    if hint not in (str, int, float):
+        raise TypeError(f"{cls.__name__}.{field.name}: no command-line form for {hint}")
+    return {**settings, "type": hint}
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls, flags: dict[str, dict] | None = None,
+                        documented_by: tuple = ()) -> None:
+    """One flag per field of the dataclass ``cls``, so a new field cannot be forgotten: ``--field-name``,
+    typed and defaulted as the field, its help the field's metadata["help"] or trailing comment (or a
+    same-named field's comment in ``documented_by``). ``flags`` adds argparse settings per field;
+    its "flag" key respells the flag."""
+    flags = flags or {}
+    fields = dataclasses.fields(cls)
+    unknown = set(flags) - {f.name for f in fields}
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no fields {sorted(unknown)}")
+    hints = typing.get_type_hints(cls)
+    comments = {k: v for doc in (*documented_by, cls) for k, v in field_comments(doc).items()}
+    for field in fields:
+        settings = {**_argument_kind(cls, field, hints[field.name]), **flags.get(field.name, {})}
+        flag = settings.pop("flag", "--" + field.name.replace("_", "-"))
+        text = settings.pop("help", None) or field.metadata.get("help") or comments.get(field.name)
+        if text and settings.get("action") == "append":
+            text += " (repeatable)"
+        parser.add_argument(flag, dest=field.name, help=text and text.replace("%", "%%"), **settings)
+
+
+def dataclass_from_args(cls, args: argparse.Namespace):
+    """The dataclass ``cls`` from the flags :func:`add_dataclass_flags` gave it."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
 def parse_overrides(tokens: list[str]) -> dict[str, str]:
@@ -81,20 +151,17 @@ def cmd_prepare(args) -> None:
 
 def cmd_train(args, extra: list[str]) -> None:
     from .config import build_train_config
-    from .train.loop import train
-    cfg = build_train_config(args.config, parse_overrides(extra))
-    result = train(cfg)
-    val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
-    best = f"{result.best_val_loss:.4f}" if result.best_val_loss is not None else "n/a"
-    print(f"done: {result.steps} steps, final train loss {result.final_loss:.4f}, val loss {val} "
-          f"(best {best}); checkpoints in {result.out_dir}/best and {result.out_dir}/last")
+    from .train.pretrain import train
+    print_result(train(build_train_config(args.config, parse_overrides(extra))))
 
 
 def cmd_finetune(args, extra: list[str]) -> None:
     from .adapt.finetune import FinetuneConfig, finetune
     from .config import build_train_config
-    cfg = build_train_config(args.config, parse_overrides(extra), cls=FinetuneConfig)
-    result = finetune(cfg)
+    print_result(finetune(build_train_config(args.config, parse_overrides(extra), cls=FinetuneConfig)))
+
+
+def print_result(result) -> None:
     scores = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if k != "step")
     at = f" (best at step {result.metrics['step']})" if "step" in result.metrics else ""
     print(f"done: {result.steps} steps, final train loss {result.final_loss:.4f}; validation: {scores or 'n/a'}{at}; "
@@ -105,8 +172,7 @@ def cmd_eval(args) -> None:
     from pathlib import Path
     from .evaluate.report import format_table, write_report
     from .evaluate.tasks import EvalConfig, evaluate
-    cfg = EvalConfig(**{k: v for k, v in vars(args).items() if k in EvalConfig.__dataclass_fields__})
-    cfg.progress = not args.quiet
+    cfg = dataclass_from_args(EvalConfig, args)
     if args.report and Path(args.report).suffix.lower() not in (".html", ".png"):
         raise ConfigError(f"--report {args.report} must end in .html or .png")
     results = evaluate(cfg)
@@ -122,9 +188,7 @@ def cmd_eval(args) -> None:
 
 def cmd_tune(args) -> None:
     from .tune import TuneConfig, tune
-    cfg = TuneConfig(**{k: v for k, v in vars(args).items() if k in TuneConfig.__dataclass_fields__})
-    cfg.progress = not args.quiet
-    result = tune(cfg)
+    result = tune(dataclass_from_args(TuneConfig, args))
     print((result.out_dir / "summary.md").read_text())
     if result.best_config is None:
         print("no trial has completed yet; run the same command again to continue the study")
@@ -136,24 +200,36 @@ def cmd_tune(args) -> None:
 
 def cmd_generate(args) -> None:
     from .checkpoint import load_model
-    from .inference.generate import generate_text
+    from .inference.engine import Engine, EngineConfig
     from .inference.sampling import SamplingParams
     from .runtime import resolve_device, resolve_dtype
+    params = dataclass_from_args(SamplingParams, args).validate()
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device) if args.dtype != "auto" else None
     model, tokenizer, _ = load_model(args.checkpoint, device=device, dtype=dtype)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, stop=args.stop or []).validate()
+    engine = Engine(model, tokenizer, EngineConfig(max_batch_size=1, context_shift=True), device)
     for sample in range(args.num_samples):
         if args.num_samples > 1:
             print(f"--- sample {sample + 1} ---")
-        if params.seed is not None and sample:
-            params.seed += 1
+        seed = None if params.seed is None else params.seed + sample    # as the API numbers its n samples
         sys.stdout.write(args.prompt)
-        for piece in generate_text(model, tokenizer, args.prompt, params, device):
-            sys.stdout.write(piece)
+        events = []
+        for event in engine.stream(args.prompt, dataclasses.replace(params, seed=seed)):
+            sys.stdout.write(event.text)
             sys.stdout.flush()
+            events.append(event)
         sys.stdout.write("\n")
+        if params.logprobs is not None:
+            print_logprobs(tokenizer, events)
+
+
+def print_logprobs(tokenizer, events) -> None:
+    """One line per generated token: the token, its log-probability, then the top alternatives."""
+    print("--- logprobs ---")
+    for event in events:
+        if event.token_id is not None:
+            alternatives = " ".join(f"{tokenizer.decode([t])!r} {lp:.4f}" for t, lp in event.top_logprobs or [])
+            print(f"{tokenizer.decode([event.token_id])!r}\t{event.logprob:.4f}\t{alternatives}".rstrip())
 
 
 def cmd_export(args) -> None:
@@ -168,13 +244,73 @@ def cmd_import(args) -> None:
 
 def cmd_serve(args) -> None:
     from .serve.run import ServeOptions, serve
-    options = ServeOptions(**{k: v for k, v in vars(args).items() if k in ServeOptions.__dataclass_fields__})
-    serve(options)
+    serve(dataclass_from_args(ServeOptions, args))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_eval_flags(p: argparse.ArgumentParser) -> None:
+    from .evaluate.tasks import TASKS, EvalConfig
+    add_dataclass_flags(p, EvalConfig, {
+        "checkpoint": {"required": True},
+        "data": {"required": True, "help": "text file or prepared dataset (lm); labelled .tsv/.csv/.jsonl "
+                                           "(classification); prompt/response or chat .jsonl (generation)"},
+        "task": {"choices": TASKS}, "max_new_tokens": {"help": "generation: tokens per completion"},
+        "dtype": {"choices": ["auto", *DTYPES]}, "progress": QUIET})
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--report", help="write an .html or .png report with plots")
+
+
+def add_tune_flags(p: argparse.ArgumentParser) -> None:
+    from .tune import TuneConfig
+    add_dataclass_flags(p, TuneConfig, {"space": {"required": True}, "out_dir": {"flag": "--out"}, "progress": QUIET})
+
+
+def unescape(text: str) -> str:
+    """``\\n``, ``\\t`` and ``\\\\`` as typed in a shell (--stop "\\n\\n"), as the characters they name."""
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m[1]], text)
+
+
+def add_generate_flags(p: argparse.ArgumentParser) -> None:
+    from .inference.sampling import SamplingParams
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--prompt", default="\n")
+    # the defaults of a CLI user writing prose, not of an API client
+    add_dataclass_flags(p, SamplingParams, {"max_new_tokens": {"default": 200}, "temperature": {"default": 0.8},
+                                            "top_p": {"default": 0.95},
+                                            "stop": {"type": unescape, "help": "stop before this text (\\n: newline)"}})
+    p.add_argument("--num-samples", type=int, default=1, help="samples one after another, seeds seed, seed+1, ...")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="weights dtype: auto (as saved), fp32, bf16")
+
+
+def add_serve_flags(p: argparse.ArgumentParser) -> None:
+    from .inference.engine import EngineConfig
+    from .serve.run import ServeOptions
+    add_dataclass_flags(p, ServeOptions, {
+        "host": {"help": "address to bind (default: loopback only)"},
+        "model_name": {"help": "the model id clients send (default: the checkpoint folder name)"},
+        "api_keys": {"flag": "--api-key", "help": "an accepted key"},
+        "api_keys_file": {"help": "a file with one accepted key per line"},
+        "insecure_no_auth": {"help": "accept requests without a key (not for exposed hosts)"},
+        "dtype": {"choices": ["fp32", "bf16", "auto"]},
+        "quantize": {"choices": ["none", "int8"], "help": "int8 weight-only quantization"},
+        "max_queue": {"help": "requests waiting beyond the batch before 503"},
+        "requests_per_minute": {"help": "per API key; 0 = unlimited"},
+        "tokens_per_minute": {"help": "per API key (prompt + max_tokens); 0 = unlimited"},
+        "metrics_public": {"help": "serve /metrics without a key"},
+        "log_prompts": {"help": "write prompt text to the log (off by default)"},
+    }, documented_by=(EngineConfig,))
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """Every command; the flags built from dataclasses import their modules (optuna, fastapi ...), so
+    with ``only`` just that command gets them."""
     parser = argparse.ArgumentParser(prog="gptstack", description="Train, tune, evaluate and serve GPT models.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_command(name: str, summary: str, add_flags) -> None:
+        command = sub.add_parser(name, help=summary)
+        if only in (None, name):
+            add_flags(command)
 
     p = sub.add_parser("tokenize", help="print the token ids of a text as a JSON list")
     p.add_argument("text")
@@ -207,47 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
                                         "any config key as --key value")
     p.add_argument("--config", help="a YAML or JSON fine-tuning config file")
 
-    p = sub.add_parser("eval", help="score a checkpoint: perplexity / bits per byte, accuracy / F1, or ROUGE")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data", required=True, help="text file or prepared dataset (lm); labelled .tsv/.csv/.jsonl "
-                                                 "(classification); prompt/response or chat .jsonl (generation)")
-    p.add_argument("--task", default="auto", choices=["auto", "lm", "classification", "generation"])
-    p.add_argument("--stride", type=int, default=0, help="lm: sliding-window step in tokens (0 = half the context)")
-    p.add_argument("--max-tokens", type=int, default=0, help="lm: score at most this many tokens (0 = all)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--text-field", default="")
-    p.add_argument("--label-field", default="label")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="generation: tokens per completion")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--json", help="also write the results to this JSON file")
-    p.add_argument("--report", help="write an .html or .png report with plots")
-    p.add_argument("--quiet", action="store_true")
-
-    p = sub.add_parser("tune", help="search hyperparameters with Optuna; rerun the same command to resume")
-    p.add_argument("--space", required=True, help="the YAML search-space file (see configs/tune-demo.yaml)")
-    p.add_argument("--out", dest="out_dir", default="runs/tune")
-    p.add_argument("--storage", default="", help="database URL (default: sqlite:///OUT/study.db)")
-    p.add_argument("--study-name", default="")
-    p.add_argument("--n-trials", type=int, default=0, help="finished trials to reach (default: the space file's)")
-    p.add_argument("--n-jobs", type=int, default=1, help="trials in parallel, one process each")
-    p.add_argument("--heartbeat-interval", type=int, default=5)
-    p.add_argument("--grace-period", type=int, default=20, help="seconds without heartbeat before a trial counts as dead")
-    p.add_argument("--keep-last", action="store_true", help="keep each trial's last/ with its optimizer state")
-    p.add_argument("--quiet", action="store_true")
-
-    p = sub.add_parser("generate", help="sample text from a checkpoint")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--prompt", default="\n")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--stop", action="append", help="stop when this text appears (repeatable)")
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", help="weights dtype: auto (as saved), fp32, bf16")
+    add_command("eval", "score a checkpoint: perplexity / bits per byte, accuracy / F1, or ROUGE", add_eval_flags)
+    add_command("tune", "search hyperparameters with Optuna; rerun the same command to resume", add_tune_flags)
+    add_command("generate", "sample text from a checkpoint, streamed; past its context by a context shift",
+                add_generate_flags)
 
     p = sub.add_parser("export", help="write a checkpoint in another format")
     p.add_argument("--checkpoint", required=True)
@@ -258,30 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("hf_dir")
     p.add_argument("--out", required=True)
 
-    p = sub.add_parser("serve", help="serve a checkpoint behind an OpenAI-compatible HTTP API")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--model-name", default="", help="the model id clients send (default: the checkpoint folder name)")
-    p.add_argument("--api-key", dest="api_keys", action="append", default=[], help="an accepted key (repeatable)")
-    p.add_argument("--api-keys-file", help="a file with one accepted key per line")
-    p.add_argument("--insecure-no-auth", action="store_true", help="accept requests without a key (not for exposed hosts)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "auto"], help="weight dtype")
-    p.add_argument("--quantize", default="none", choices=["none", "int8"], help="int8 weight-only quantization")
-    p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together")
-    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch before 503")
-    p.add_argument("--max-seq-len", type=int, default=0, help="KV cache length per request (0 = model context)")
-    p.add_argument("--kv-cache-memory", type=int, default=0, help="KV cache budget in bytes (0 = by batch size)")
-    p.add_argument("--requests-per-minute", type=int, default=0, help="per API key; 0 = unlimited")
-    p.add_argument("--tokens-per-minute", type=int, default=0, help="per API key (prompt + max_tokens); 0 = unlimited")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
-    p.add_argument("--metrics-public", action="store_true", help="serve /metrics without a key")
-    p.add_argument("--log-prompts", action="store_true", help="write prompt text to the log (off by default)")
-    p.add_argument("--chat-template", help="a file with a Jinja chat template (default: 'Role: content' lines)")
-    p.add_argument("--ssl-certfile")
-    p.add_argument("--ssl-keyfile")
-    p.add_argument("--graceful-shutdown-seconds", type=float, default=30.0)
+    add_command("serve", "serve a checkpoint behind an OpenAI-compatible HTTP API", add_serve_flags)
     return parser
 
 
@@ -291,7 +367,9 @@ COMMANDS = {"tokenize": cmd_tokenize, "train-tokenizer": cmd_train_tokenizer, "m
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, extra = build_parser().parse_known_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((arg for arg in argv if not arg.startswith("-")), "")
+    args, extra = build_parser(only=command).parse_known_args(argv)
     try:
         if args.command == "train":
             cmd_train(args, extra)

@@ -125,6 +125,7 @@ def preset(name: str) -> Preset:
 
 
 # --- Training -----------------------------------------------------------------------------------
+DEFAULT_STEPS = 1000   # a run's length when neither max_steps, max_epochs nor max_time is given
 
 @dataclass
 class TrainConfig:
@@ -146,12 +147,15 @@ class TrainConfig:
     batch_rampup_start: int = 1         # micro-batches per step at the start of the ramp
     eval_batch_size: int = 16
 
-    # length of the run: max_steps wins; otherwise max_epochs over the training tokens
-    max_steps: int = 1000
+    # length of the run: max_steps when set (> 0); otherwise max_epochs passes over the training data;
+    # otherwise 1000 steps. max_time (seconds, evaluations included) caps the run by wall time: the
+    # step count is then planned from the measured speed, so the schedule still ends its decay.
+    max_steps: int = 0
     max_epochs: float = 0.0
+    max_time: float = 0.0
 
     # optimizer and schedule (GPT-3: Adam beta2 0.95, eps 1e-8, wd 0.1, clip 1.0, cosine to 10%)
-    optimizer: str = "adamw"
+    optimizer: str = "adamw"            # "adamw": decoupled weight decay; "adam": decay as an L2 term in the gradient
     learning_rate: float | None = None  # None = the preset's (GPT-3: Table 2.1), else 6e-4
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
@@ -176,6 +180,7 @@ class TrainConfig:
     eval_iters: int = 20
     log_interval: int = 10
     checkpoint_interval: int = 0        # 0 = checkpoint only at evals and at the end
+    best_metric: str = "val_loss"       # what picks best/ (and what tuning reads): one of available_metrics()
     tensorboard: bool = True
     progress: bool = True
     peak_flops: float = 0.0             # for MFU; 0 = measure this device's matmul rate once at start
@@ -183,6 +188,19 @@ class TrainConfig:
     @property
     def peak_learning_rate(self) -> float:
         return self.learning_rate or preset(self.preset).learning_rate or 6e-4
+
+    def available_metrics(self) -> tuple[str, ...]:
+        """What this run's validation reports, and so what ``best_metric`` may name."""
+        return ("val_loss", "val_perplexity")
+
+    def planned_steps(self, steps_per_epoch: float) -> int:
+        """The run's length before any max_time planning: max_steps if set, else max_epochs passes of
+        ``steps_per_epoch`` optimizer steps, else DEFAULT_STEPS (none without a cap under max_time)."""
+        if self.max_steps:
+            return self.max_steps
+        if self.max_epochs:
+            return max(1, math.ceil(self.max_epochs * steps_per_epoch))
+        return 0 if self.max_time else DEFAULT_STEPS
 
     def model_config(self, vocab_size: int | None = None) -> ModelConfig:
         base = dataclasses.replace(preset(self.preset).model)
@@ -204,7 +222,10 @@ class TrainConfig:
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_steps", "warmup_steps", "lr_decay_steps", "batch_rampup_steps", "checkpoint_interval"):
             require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
-        require(self.max_steps > 0 or self.max_epochs > 0, "set max_steps > 0 or max_epochs > 0")
+        require(self.max_epochs >= 0, f"max_epochs must be >= 0, got {self.max_epochs}")
+        require(self.max_time >= 0, f"max_time must be >= 0 seconds, got {self.max_time}")
+        require(self.best_metric in self.available_metrics(),
+                f"best_metric must be one of {self.available_metrics()}, got {self.best_metric!r}")
         require(self.learning_rate is None or self.learning_rate > 0,
                  f"learning_rate must be > 0, got {self.learning_rate}")
         require(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")

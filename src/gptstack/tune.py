@@ -47,16 +47,17 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
-from .adapt.finetune import LOWER_IS_BETTER, TASK_METRICS, FinetuneConfig, finetune
+from .adapt.finetune import TASK_METRICS, FinetuneConfig, finetune
 from .config import (ConfigError, ModelConfig, TrainConfig, build_train_config, field_hint, load_config_file,
                      normalise_keys, to_dict)
-from .train import distributed
-from .train.loop import resolve_dataset, train
+from .data.prepare import ensure_prepared
+from .train.loop import LOWER_IS_BETTER
+from .train.pretrain import train
 
 COMMANDS = ("train", "finetune")
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "hyperband", "none")
-OBJECTIVES = {"train": ("val_loss",), **TASK_METRICS}
+OBJECTIVES = {"train": TrainConfig().available_metrics(), **TASK_METRICS}
 SPEC_KEYS = {"command", "base_config", "fixed", "objective", "direction", "sampler", "pruner", "n_trials",
              "seed", "space", "pruner_startup_trials", "pruner_warmup_steps"}
 PARAM_KEYS = {"low", "high", "log", "step", "values"}
@@ -177,7 +178,7 @@ def load_spec(path: str | Path) -> StudySpec:
     if objective not in OBJECTIVES[task]:
         raise ConfigError(f"{path}: objective {objective!r} is not reported by {command} ({task}); "
                           f"choose one of {OBJECTIVES[task]}")
-    if command == "finetune" and "best_metric" not in fixed:
+    if "best_metric" not in fixed:
         fixed = {**fixed, "best_metric": objective}    # each trial keeps the checkpoint its value comes from
     direction = raw.get("direction") or ("minimize" if objective in LOWER_IS_BETTER else "maximize")
     sampler, pruner = raw.get("sampler", "tpe"), raw.get("pruner", "median")
@@ -339,10 +340,9 @@ def _prepared_data(spec: StudySpec, out: Path) -> dict:
     if spec.command != "train":
         return {}
     base = spec.trial_config({})
-    info = distributed.DistInfo()
-    shared = {"data": str(resolve_dataset(base.data, out, base.tokenizer, info, progress=False))}
+    shared = {"data": str(ensure_prepared(base.data, out / "data", base.tokenizer, progress=False))}
     if base.eval_data:
-        shared["eval_data"] = str(resolve_dataset(base.eval_data, out, base.tokenizer, info, progress=False))
+        shared["eval_data"] = str(ensure_prepared(base.eval_data, out / "data", base.tokenizer, progress=False))
     return shared
 
 

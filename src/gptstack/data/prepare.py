@@ -219,3 +219,16 @@ def prepare(inputs: list[str | Path], out_dir: str | Path, tokenizer: str | dict
     }
     write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2))
     return manifest
+
+
+def ensure_prepared(path: str | Path, cache_dir: str | Path, tokenizer: str = "gpt2", progress: bool = True) -> Path:
+    """A prepared dataset dir as is; raw text (a file or folder) prepared once into cache_dir/<its name>."""
+    source = Path(path)
+    if (source / MANIFEST).exists():
+        return source
+    if not source.exists():
+        raise FileNotFoundError(f"data {source} does not exist; pass a dataset made by `gptstack prepare` or a text file/folder")
+    target = Path(cache_dir) / source.stem
+    if not (target / MANIFEST).exists():
+        prepare([source], target, tokenizer=tokenizer, progress=progress)
+    return target

@@ -6,9 +6,11 @@ Each iteration of its loop:
 1. admits waiting requests into free slots (the waiting queue is bounded: ``submit`` refuses at
    once when it is full, so callers can answer 429/503 instead of waiting forever);
 2. frees the slots of cancelled requests;
-3. runs one chunk (``prefill_chunk`` tokens) of one request's prompt, so a long prompt is spread
+3. with ``context_shift``, sends a request whose slot is full back to prefill the newest half of
+   its context (otherwise such requests are refused at ``submit``);
+4. runs one chunk (``prefill_chunk`` tokens) of one request's prompt, so a long prompt is spread
    over several iterations instead of stalling everyone's decoding;
-4. runs one decode step for every request past its prompt, as one batch.
+5. runs one decode step for every request past its prompt, as one batch.
 
 Requests join and leave the batch between iterations. Outputs go to a per-request
 :class:`RequestHandle`, iterable from threads (``for event in handle``) and from asyncio
@@ -30,8 +32,8 @@ import torch
 
 from ..model import GPT, KVCache
 from ..tokenizer import IncrementalDecoder, Tokenizer
-from .generate import StopMatcher
 from .sampling import SamplingParams, apply_penalties, sample
+from .stops import StopMatcher
 
 
 class QueueFull(RuntimeError):
@@ -49,6 +51,7 @@ class EngineConfig:
     max_queue: int = 64                # requests waiting for a slot before submit() refuses
     prefill_chunk: int = 256           # prompt tokens per prefill forward
     kv_cache_memory: int = 0           # bytes for the KV cache; 0 = size it by max_batch_size
+    context_shift: bool = False        # past max_seq_len, keep the newest half and go on (else refuse)
 
     def validate(self) -> "EngineConfig":
         for name in ("max_batch_size", "max_queue", "prefill_chunk"):
@@ -104,6 +107,15 @@ class RequestHandle:
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._ready.set)
 
+    def drain(self) -> list[TokenEvent]:
+        """The events that have arrived, without waiting (for a caller that runs the loop itself)."""
+        with self._cond:
+            events = list(self._events)
+            self._events.clear()
+            if self._ready is not None:
+                self._ready.clear()
+        return events
+
     def __iter__(self) -> Iterator[TokenEvent]:
         while True:
             with self._cond:
@@ -119,11 +131,7 @@ class RequestHandle:
             raise RuntimeError("submit() was called outside an event loop; iterate with a plain for loop")
         while True:
             await self._ready.wait()
-            with self._cond:
-                events = list(self._events)
-                self._events.clear()
-                self._ready.clear()
-            for event in events:
+            for event in self.drain():
                 yield event
                 if event.finish_reason is not None:
                     return
@@ -138,13 +146,22 @@ class _Request:
     stop_ids: set[int]
     decoder: IncrementalDecoder
     stops: StopMatcher
+    window: list[int]                        # tokens to prefill into the slot from its position 0
+    offset: int = 0                          # index in prompt + output of the slot's position 0
     slot: int = -1
-    prefilled: int = 0                       # prompt tokens already in the cache
+    prefilled: int = 0                       # window tokens already in the cache
     output: list[int] = field(default_factory=list)
 
     @property
     def next_position(self) -> int:
-        return len(self.prompt) + len(self.output) - 1
+        """Where the newest token goes in the slot when it is fed back."""
+        return len(self.prompt) + len(self.output) - 1 - self.offset
+
+    def keep_newest(self, length: int) -> None:
+        """Make the last ``length`` tokens of prompt + output the slot's whole context, to prefill again."""
+        sequence = self.prompt + self.output
+        self.offset = max(0, len(sequence) - length)
+        self.window, self.prefilled = sequence[self.offset:], 0
 
 
 class Engine:
@@ -155,6 +172,7 @@ class Engine:
         self.device = torch.device(device)
         cfg = model.config
         self.max_seq_len = min(self.config.max_seq_len or cfg.block_size, cfg.block_size)
+        self._shift_keep = max(1, self.max_seq_len // 2)     # context kept by a context shift
         dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
         slots = self.config.max_batch_size
         if self.config.kv_cache_memory:
@@ -235,7 +253,7 @@ class Engine:
         params.validate()
         if not prompt_ids:
             raise ValueError("the prompt is empty; give at least one token")
-        if len(prompt_ids) + params.max_new_tokens > self.max_seq_len:
+        if not self.config.context_shift and len(prompt_ids) + params.max_new_tokens > self.max_seq_len:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens and max_tokens is {params.max_new_tokens}: "
                              f"together more than the context of {self.max_seq_len} tokens; shorten the prompt "
                              f"or lower max_tokens")
@@ -255,8 +273,9 @@ class Engine:
         generator = torch.Generator(device=self.device)
         generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item()))
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else {self.tokenizer.eot_id})
-        request = _Request(handle, list(prompt_ids), params, generator, stop_ids,
-                           IncrementalDecoder(self.tokenizer), StopMatcher(params.stop))
+        prompt = list(prompt_ids)
+        request = _Request(handle, prompt, params, generator, stop_ids, IncrementalDecoder(self.tokenizer),
+                           StopMatcher(params.stop), window=prompt)
         with self._lock:
             if not self._running:
                 raise EngineStopped("the engine is not running")
@@ -285,11 +304,12 @@ class Engine:
 
     def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams) -> list[Completion]:
         """Complete every prompt (batch use). Without a running loop, runs it in this thread."""
-        ids = [self.tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
+        ids = [self._token_ids(p) for p in prompts]
         if self._running:
             handles = [self.submit(p, params, block=True) for p in ids]
         else:
-            handles = self._run_inline(ids, params)
+            for handles in self._run_inline(ids, params):
+                pass
         results = []
         for prompt, handle in zip(ids, handles):
             events = list(handle)
@@ -299,22 +319,47 @@ class Engine:
                                       logprobs=[e.logprob for e in events if e.logprob is not None]))
         return results
 
-    def _run_inline(self, prompts: list[list[int]], params: SamplingParams) -> list[RequestHandle]:
+    def stream(self, prompt: str | list[int], params: SamplingParams) -> Iterator[TokenEvent]:
+        """One request's events as they are made. Without a running loop, runs it in this thread
+        between events (the fast place on a CPU, see above)."""
+        ids = self._token_ids(prompt)
+        handle = None
+        try:
+            if self._running:
+                handle = self.submit(ids, params, block=True)
+                yield from handle
+            else:
+                for [handle] in self._run_inline([ids], params):
+                    yield from handle.drain()
+        finally:
+            if handle is not None:
+                handle.cancel()     # no-op when finished; frees the slot when the caller stopped early
+
+    def _token_ids(self, prompt: str | list[int]) -> list[int]:
+        return self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+
+    def _run_inline(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[list[RequestHandle]]:
+        """Run the loop in this thread until every prompt is done, yielding their handles once all
+        are submitted and again after each step (so the caller can stream)."""
         self._running = True
         try:
             handles = []
-            with torch.inference_mode():
-                for prompt in prompts:
-                    while len(self._waiting) >= self.config.max_queue:
-                        self._wait_for_work()
-                        self._step()
-                    handles.append(self.submit(prompt, params))
-                while not all(h.finished for h in handles):
-                    self._wait_for_work()
-                    self._step()
-            return handles
+            for prompt in prompts:
+                while len(self._waiting) >= self.config.max_queue:
+                    self._step_inline()
+                handles.append(self.submit(prompt, params))
+            yield handles
+            while not all(h.finished for h in handles):
+                self._step_inline()
+                yield handles
         finally:
             self._running = False
+
+    def _step_inline(self) -> None:
+        # inference mode only around the step: a generator must not leave it on in its caller's code
+        with torch.inference_mode():
+            self._wait_for_work()
+            self._step()
 
     # --- the loop -------------------------------------------------------------------------------
     def _serve(self) -> None:
@@ -345,16 +390,31 @@ class Engine:
                     future.set_exception(exc)
         for request in [r for r in self._active if r.handle.cancelled]:
             self._finish(request, "cancelled")
-        prefilling = [r for r in self._active if r.prefilled < len(r.prompt)]
+        if self.config.context_shift:
+            self._shift_full_contexts()
+        prefilling = [r for r in self._active if r.prefilled < len(r.window)]
         if prefilling:
             self._prefill(prefilling[0])
-        decoding = [r for r in self._active if r.prefilled == len(r.prompt) and r.output]
+        decoding = [r for r in self._active if r.prefilled == len(r.window) and r.output]
         if decoding:
             self._decode(decoding)
         self.stats["steps"] += 1
 
+    def _shift_full_contexts(self) -> None:
+        """Requests whose next token has no room left in their slot keep the newest half of their
+        context and prefill it again; the next token is then sampled from that prefill."""
+        for request in self._active:
+            if request.next_position == self.max_seq_len:
+                self._shift(request)
+
+    def _shift(self, request: _Request) -> None:
+        request.keep_newest(self._shift_keep)
+        self.stats["context_shifts"] += 1
+
     def _admit(self, request: _Request) -> None:
         request.slot = self._free.pop(0)
+        if len(request.prompt) > self.max_seq_len:     # only with context_shift: check() refuses it otherwise
+            self._shift(request)
         if request.params.has_penalties:
             self._counts[request.slot].zero_()
             self._seen[request.slot].zero_()
@@ -363,13 +423,13 @@ class Engine:
 
     def _prefill(self, request: _Request) -> None:
         start = request.prefilled
-        chunk = request.prompt[start:start + self.config.prefill_chunk]
+        chunk = request.window[start:start + self.config.prefill_chunk]
         idx = torch.tensor([chunk], device=self.device)
         positions = torch.arange(start, start + len(chunk), device=self.device)[None]
         logits, _ = self.model(idx, cache=self.cache.select([request.slot]), positions=positions, last_only=True)
         request.prefilled += len(chunk)
         self.stats["prompt_tokens"] += len(chunk)
-        if request.prefilled == len(request.prompt):
+        if request.prefilled == len(request.window):
             self._emit([request], logits[:, -1])
 
     def _decode(self, batch: list[_Request]) -> None:
@@ -377,6 +437,7 @@ class Engine:
         positions = torch.tensor([[r.next_position] for r in batch], device=self.device)
         logits, _ = self.model(idx, cache=self.cache.select([r.slot for r in batch]), positions=positions,
                                last_only=True)
+        self.stats["decode_steps"] += 1
         self._emit(batch, logits[:, -1])
 
     def _emit(self, batch: list[_Request], logits: torch.Tensor) -> None:

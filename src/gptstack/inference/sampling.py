@@ -15,7 +15,7 @@ import torch
 
 @dataclass
 class SamplingParams:
-    max_new_tokens: int = 128
+    max_new_tokens: int = 128         # tokens to generate at most
     temperature: float = 1.0          # 0 = greedy
     top_k: int = 0                    # 0 = off
     top_p: float = 1.0                # 1 = off
@@ -23,10 +23,10 @@ class SamplingParams:
     presence_penalty: float = 0.0     # OpenAI: subtract once from every token already generated
     frequency_penalty: float = 0.0    # OpenAI: subtract per occurrence in the generated text
     repetition_penalty: float = 1.0   # CTRL / HF: divide (>0) or multiply (<0) logits of seen tokens
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
+    seed: int | None = None           # the same seed gives the same text, alone or in any batch
+    stop: list[str] = field(default_factory=list)              # stop before this text
+    stop_token_ids: list[int] = field(default_factory=list)    # stop at this token, as at end-of-text
+    ignore_eos: bool = False          # go on past end-of-text
     logprobs: int | None = None       # also return this many top alternatives per token (0 = chosen only)
 
     def validate(self) -> "SamplingParams":

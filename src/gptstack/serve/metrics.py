@@ -25,6 +25,9 @@ class ServerMetrics:
 
         r.register(EngineCounters(engine))
 
+    def count_error(self, status: int) -> None:
+        self.errors.labels(code=str(status)).inc()
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -34,7 +37,8 @@ class EngineCounters:
     never sees finish, such as those cancelled after their client left)."""
 
     NAMES = {"requests": "requests submitted to the engine", "prompt_tokens": "prompt tokens prefilled",
-             "generated_tokens": "tokens generated", "cancelled": "requests cancelled (client gone or cancelled)"}
+             "generated_tokens": "tokens generated", "decode_steps": "batched decode forward passes",
+             "cancelled": "requests cancelled (client gone or cancelled)"}
 
     def __init__(self, engine: Engine):
         self.engine = engine

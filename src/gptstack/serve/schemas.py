@@ -2,14 +2,19 @@
 
 Requests forbid unknown fields, so a misspelt parameter is a 400 naming it rather than silently
 ignored. A few vLLM-style extras (top_k, min_p, repetition_penalty, stop_token_ids, ignore_eos)
-are accepted on both routes.
+are accepted on both routes. Both requests turn themselves into the engine's SamplingParams.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import secrets
+import time
 from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
+
+from ..inference.sampling import SamplingParams
 
 
 class StrictModel(BaseModel):
@@ -32,6 +37,7 @@ class SamplingFields(StrictModel):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     seed: int | None = None
     user: str | None = None
+    logit_bias: dict[str, float] | None = None   # accepted only to refuse it by name
     # vLLM-style extras
     top_k: int = Field(0, ge=0)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
@@ -49,6 +55,19 @@ class SamplingFields(StrictModel):
             raise ValueError("stop sequences must not be empty")
         return stops
 
+    def _sampling_params(self, sample: int, max_new_tokens: int, stop: list[str],
+                         logprobs: int | None) -> SamplingParams:
+        """The engine's settings for sample number ``sample`` of the ``n`` asked for: each sample
+        gets its own seed, so that the n samples of a seeded request differ from one another."""
+        same_named = {name: getattr(self, name) for name in PASSED_THROUGH}
+        return SamplingParams(**same_named, max_new_tokens=max_new_tokens, stop=stop, logprobs=logprobs,
+                              seed=None if self.seed is None else self.seed + sample)
+
+
+# the SamplingParams fields that a request sets as it is, under the same name
+PASSED_THROUGH = sorted(({f.name for f in dataclasses.fields(SamplingParams)} & set(SamplingFields.model_fields))
+                        - {"stop", "seed"})
+
 
 class CompletionRequest(SamplingFields):
     prompt: Union[StrictStr, list[StrictStr], list[int], list[list[int]]]
@@ -57,7 +76,9 @@ class CompletionRequest(SamplingFields):
     echo: StrictBool = False
     suffix: str | None = None
     best_of: int | None = None
-    logit_bias: dict[str, float] | None = None
+
+    def sampling_params(self, sample: int) -> SamplingParams:
+        return self._sampling_params(sample, self.max_tokens or 16, self.stop, self.logprobs)
 
 
 class TextContent(StrictModel):
@@ -83,7 +104,12 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: StrictBool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    logit_bias: dict[str, float] | None = None
+
+    def sampling_params(self, sample: int, context_left: int, chat_stops: list[str]) -> SamplingParams:
+        """Without a max_tokens the reply may fill the rest of the context (``context_left`` tokens)."""
+        max_new_tokens = self.max_completion_tokens or self.max_tokens or context_left
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self._sampling_params(sample, max_new_tokens, self.stop + chat_stops, logprobs)
 
 
 class TokenizeRequest(StrictModel):
@@ -118,3 +144,13 @@ class DetokenizeRequest(StrictModel):
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def response_head(prefix: str, object_: str, model: str) -> dict:
+    """The fields every OpenAI response (and each of its stream chunks) starts with."""
+    return {"id": f"{prefix}-{secrets.token_hex(12)}", "object": object_, "created": int(time.time()), "model": model}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}

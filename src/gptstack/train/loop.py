@@ -1,249 +1,303 @@
-"""The pretraining loop: ``train(TrainConfig)``.
+"""The one training loop: pretraining and every fine-tuning task run through ``run(cfg, task)``.
 
-Each optimizer step accumulates ``micro_batches(step)`` micro-batches (gradient accumulation and
-GPT-3's batch ramp-up), clips, steps AdamW under the warmup + decay schedule, and logs. Every
-``eval_interval`` steps it measures validation loss, keeps ``best/`` by val loss and ``last/`` with
-the full train state. Because batches, learning rate and dropout RNG are all restored from
-``last/``, a killed run resumed from there ends bit-identical to one that was never stopped.
+A :class:`Task` supplies what differs between kinds of training: the model and tokenizer, the
+micro-batches of each optimizer step, the loss of a batch and the validation. The loop owns the
+rest, once: the schedule, gradient accumulation and clipping, mixed precision, DDP, logging with
+throughput, ``best/`` (by ``best_metric``) and ``last/`` checkpoints, exact resume, a wall-time
+budget and a clean stop on Ctrl-C.
+
+Because batches are a pure function of (seed, step) and ``last/`` keeps the optimizer, scaler, RNG
+states and step, a killed run resumed from there ends bit-identical to one that was never stopped.
+A run that finishes writes ``result.json`` beside its checkpoints; one that was stopped has none,
+so a recipe can tell a half-trained ``best/`` from a finished one.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import logging
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Protocol
 
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import load_model, load_train_state, save_checkpoint
-from ..config import TrainConfig, model_info, to_dict
-from ..data.loader import BatchSampler, TokenDataset, eval_batches, read_manifest
-from ..data.prepare import MANIFEST, prepare
+from ..checkpoint import load_train_state, save_checkpoint, unwrap
+from ..config import TrainConfig, to_dict
 from ..files import write_text_atomic
-from ..model import GPT
-from ..runtime import autocast, dtype_name, resolve_dtype, tune_allocator
-from ..tokenizer import load_tokenizer
+from ..runtime import autocast, choose_dtype, dtype_name, resolve_dtype, tune_allocator
+from ..tokenizer import Tokenizer
 from . import distributed
 from .metrics import MetricsWriter, measure_peak_flops
-from .optim import build_optimizer, clip_and_step, learning_rate, micro_batches, set_learning_rate
+from .optim import build_optimizer, clip_and_step, learning_rate, set_learning_rate
+
+log = logging.getLogger("gptstack.train")
+RESULT = "result.json"
+LOWER_IS_BETTER = ("val_loss", "val_perplexity")
+OnEval = Callable[[int, int, dict], None]
+
+
+class Task(Protocol):
+    """What one kind of training supplies to the loop."""
+
+    name: str                       # for logs and checkpoint metadata: "language_model", "classification", ...
+    unit: str                       # what throughput counts: "tokens" or "examples"
+    flops_per_unit: float | None    # training FLOPs per unit, for MFU (None: not reported)
+
+    def build(self, resume_dir: Path | None) -> tuple[torch.nn.Module, Tokenizer]:
+        """The model to train and its tokenizer; from ``resume_dir`` (weights, adapters, head) when resuming."""
+
+    def steps_per_epoch(self, world_size: int) -> float:
+        """Optimizer steps in one pass over the training data."""
+
+    def step_batches(self, step: int, info: distributed.DistInfo) -> list[tuple[Any, float, int]]:
+        """This rank's micro-batches of optimizer step ``step``: (batch, share of the step's loss, units)."""
+
+    def loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        """The mean loss of one micro-batch."""
+
+    def evaluate(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype,
+                 info: distributed.DistInfo) -> dict:
+        """Validation results with the same numbers on every rank ({} without held-out data)."""
+
+    def checkpoint_meta(self) -> dict:
+        """Extra metadata for config.json["meta"] of every checkpoint."""
+
+    def for_serving(self, model: torch.nn.Module) -> torch.nn.Module:
+        """What ``best/`` holds (e.g. a copy with LoRA adapters merged)."""
 
 
 @dataclass
 class TrainResult:
     out_dir: Path
     steps: int
-    final_loss: float
-    val_loss: float | None
-    best_val_loss: float | None
-    tokens_per_second: float
+    final_loss: float                  # mean training loss of the last logging window
+    val_loss: float | None             # at the last evaluation
+    best_val_loss: float | None        # at the best step (picked by best_metric)
+    metrics: dict = field(default_factory=dict)   # all validation results at the best step, with "step"
+    units_per_second: float = 0.0      # tokens (pretraining) or examples (fine-tuning) per second, all ranks
 
 
-def resolve_dataset(path: str, out_dir: Path, tokenizer: str, info: distributed.DistInfo, progress: bool) -> Path:
-    """A prepared dataset dir as is; raw text (file or folder) prepared once into out_dir/data."""
-    source = Path(path)
-    if (source / MANIFEST).exists():
-        return source
-    if not source.exists():
-        raise FileNotFoundError(f"data {source} does not exist; pass a dataset made by `gptstack prepare` or a text file/folder")
-    target = out_dir / "data" / source.stem
-    if info.is_main and not (target / MANIFEST).exists():
-        prepare([source], target, tokenizer=tokenizer, progress=progress)
-    distributed.barrier(info)
-    return target
-
-
-def validation_set(directory: Path, explicit: bool) -> TokenDataset | None:
-    """The val split; for an explicitly given eval dataset without one, its train split."""
-    splits = read_manifest(directory)["splits"]
-    if splits.get("val", {}).get("tokens"):
-        return TokenDataset(directory, "val")
-    return TokenDataset(directory, "train") if explicit else None
-
-
-def total_steps(cfg: TrainConfig, train_tokens: int, world_size: int, block_size: int) -> int:
-    if cfg.max_steps:
-        return cfg.max_steps
-    tokens_per_step = cfg.batch_size * block_size * cfg.grad_accum_steps * world_size
-    return max(1, math.ceil(cfg.max_epochs * train_tokens / tokens_per_step))
-
-
-def train(cfg: TrainConfig, on_eval: Callable[[int, int, dict], None] | None = None) -> TrainResult:
-    """Run (or resume) a pretraining run; ``on_eval(step, total_steps, {"val_loss": ...})`` is called after each
-    validation on every rank (tuning prunes there)."""
+def run(cfg: TrainConfig, make_task: Callable[[distributed.DistInfo], Task],
+        on_eval: OnEval | None = None) -> TrainResult:
+    """Run (or resume) a training run in one process or under torchrun. ``on_eval(step, total_steps,
+    results)`` is called after each validation on every rank (tuning prunes there)."""
     cfg.validate()
     tune_allocator()
     with distributed.process_group(cfg.device) as info:
-        return _train(cfg, info, on_eval)
+        return Trainer(cfg, make_task(info), info).run(on_eval)
 
 
-def _train(cfg: TrainConfig, info: distributed.DistInfo, on_eval) -> TrainResult:
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    device, show = info.device, cfg.progress and info.is_main
-    dtype = resolve_dtype(cfg.dtype, device)
+class Trainer:
+    """One run's state: model, optimizer, step, best score; ``run`` is the loop."""
 
-    data_dir = resolve_dataset(cfg.data, out, cfg.tokenizer, info, show)
-    train_set = TokenDataset(data_dir, "train")
-    eval_dir = resolve_dataset(cfg.eval_data, out, cfg.tokenizer, info, show) if cfg.eval_data else data_dir
-    val_set = validation_set(eval_dir, explicit=bool(cfg.eval_data))
-    tokenizer = load_tokenizer(train_set.manifest["tokenizer"], base_dir=data_dir)
-    model_cfg = cfg.model_config(vocab_size=train_set.vocab_size)
-    if model_cfg.vocab_size < train_set.vocab_size:
-        raise ValueError(f"model.vocab_size {model_cfg.vocab_size} is smaller than the dataset's tokenizer "
-                         f"({train_set.vocab_size}); remove the override")
+    def __init__(self, cfg: TrainConfig, task: Task, info: distributed.DistInfo):
+        self.cfg, self.task, self.info = cfg, task, info
+        self.out = Path(cfg.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.device, self.show = info.device, cfg.progress and info.is_main
+        self.dtype, dtype_reason = self._pick_dtype()
+        torch.manual_seed(cfg.seed + info.rank)
 
-    torch.manual_seed(cfg.seed + info.rank)
-    resume_dir = out / "last"
-    state = load_train_state(resume_dir) if cfg.resume and (resume_dir / "checksums.json").exists() else None
-    if state is not None:
-        model, _, _ = load_model(resume_dir)
-        if dataclasses.asdict(model.config) != dataclasses.asdict(model_cfg):
-            raise ValueError(f"{resume_dir} holds a model of another shape than this config; "
-                             "use another out_dir or pass --resume false")
-    elif cfg.init_from:
-        model, _, _ = load_model(cfg.init_from)
-        model = with_config(model, model_cfg)
-    else:
-        model = GPT(model_cfg)
-    model.to(device).train()
-    model.activation_checkpointing = cfg.activation_checkpointing
-    optimizer = build_optimizer(model, cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-
-    step, best_val = 0, float("inf")
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        step, best_val = state["step"], state["best_val_loss"]
-        rng = state["rng"]
-        if len(rng) == info.world_size:
-            torch.set_rng_state(rng[info.rank]["cpu"])
-            if device.type == "cuda" and rng[info.rank].get("cuda") is not None:
-                torch.cuda.set_rng_state(rng[info.rank]["cuda"], device)
-
-    trained = model
-    if cfg.compile:
-        trained = torch.compile(trained)
-    if info.enabled:
-        trained = torch.nn.parallel.DistributedDataParallel(
-            trained, device_ids=[device.index] if device.type == "cuda" else None)
-
-    steps = total_steps(cfg, train_set.num_tokens, info.world_size, model_cfg.block_size)
-    sampler = BatchSampler(train_set, model_cfg.block_size, cfg.batch_size, cfg.seed, info.rank, info.world_size)
-    metrics = MetricsWriter(out, enabled=info.is_main, tensorboard=cfg.tensorboard)
-    flops_per_token = model_info(model_cfg)["flops_per_token_train"]
-    peak = cfg.peak_flops or measure_peak_flops(device, dtype)
-    if info.is_main:
-        write_text_atomic(out / "train_config.json", json.dumps({**to_dict(cfg), "resolved_model": to_dict(model_cfg),
-                                                            "total_steps": steps, "world_size": info.world_size}, indent=2))
-        if state is None:   # a fresh run starts a fresh metrics file
-            metrics.path.unlink(missing_ok=True)
-            metrics.write(0, event="start", parameters=model.num_parameters(), dtype=dtype_name(dtype),
-                          device=str(device), total_steps=steps, world_size=info.world_size)
-
-    def evaluate() -> float | None:
-        if val_set is None:
-            return None
-        model.eval()
-        total, count = torch.zeros((), device=device), torch.zeros((), device=device)
-        with torch.no_grad():
-            for x, y in eval_batches(val_set, model_cfg.block_size, cfg.eval_batch_size, cfg.eval_iters,
-                                     info.rank, info.world_size):
-                with autocast(device, dtype):
-                    _, loss = model(x.to(device), y.to(device))
-                total += loss.float() * y.numel()
-                count += y.numel()
-        model.train()
-        total, count = distributed.sum_across_ranks(total, info), distributed.sum_across_ranks(count, info)
-        return (total / count).item()
-
-    def checkpoint(name: str, val_loss: float | None) -> None:
-        """Rank 0 writes; every rank calls it (with the same name), as the RNG gather is collective."""
-        train_state = None
-        if name == "last":
-            rng = distributed.gather_objects({"cpu": torch.get_rng_state(),
-                                              "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
-                                             info)
-            train_state = {"step": step, "best_val_loss": best_val, "optimizer": optimizer.state_dict(),
-                           "scaler": scaler.state_dict() if scaler.is_enabled() else None, "rng": rng,
-                           "data": {"seed": cfg.seed, "next_step": step}}
+        resume_dir = self.out / "last"
+        state = load_train_state(resume_dir) if cfg.resume and (resume_dir / "checksums.json").exists() else None
+        self.model, self.tokenizer = task.build(resume_dir if state is not None else None)
+        self.model.to(self.device).train()
+        unwrap(getattr(self.model, "gpt", self.model)).activation_checkpointing = cfg.activation_checkpointing
+        self.optimizer = build_optimizer(self.model, cfg, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.lower_is_better = cfg.best_metric in LOWER_IS_BETTER
+        self.step, self.elapsed, self.best_results = 0, 0.0, {}
+        self.best_score = math.inf if self.lower_is_better else -math.inf
+        self.cap = cfg.planned_steps(task.steps_per_epoch(info.world_size))
+        self.total_steps = self.cap or 1
+        if state is not None:
+            self._restore(state)
+        self.trained = self._wrap(self.model)
+        self.metrics = MetricsWriter(self.out, enabled=info.is_main, tensorboard=cfg.tensorboard)
+        self.peak_flops = (cfg.peak_flops or measure_peak_flops(self.device, self.dtype)) if task.flops_per_unit else 0.0
         if info.is_main:
-            meta = {"step": step, "val_loss": val_loss, "train_config": to_dict(cfg)}
-            save_checkpoint(out / name, model, tokenizer, meta=meta, train_state=train_state)
-        distributed.barrier(info)
+            self._write_start(state is None, dtype_reason)
 
-    bar = tqdm(total=steps, initial=step, desc="training", unit="step", disable=not show, dynamic_ncols=True)
-    loss_sum, window_tokens, window_start = torch.zeros((), device=device), 0, time.perf_counter()
-    run_start, run_tokens = time.perf_counter(), 0
-    last_loss, val_loss = float("nan"), None
-    while step < steps:
-        lr = learning_rate(step, cfg, steps)
-        set_learning_rate(optimizer, lr)
-        n_micro = micro_batches(step, cfg)
-        for micro in range(n_micro):
-            x, y = sampler.micro_batch(step, micro, n_micro)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            sync = micro == n_micro - 1 or not info.enabled
-            with (nullcontext() if sync else trained.no_sync()):
-                with autocast(device, dtype):
-                    _, loss = trained(x, y, label_smoothing=cfg.label_smoothing)
-                scaler.scale(loss / n_micro).backward()
-            loss_sum += loss.detach().float() / n_micro
-            window_tokens += x.numel() * info.world_size
-        grad_norm = clip_and_step(model, optimizer, cfg.grad_clip, scaler)
-        step += 1
-        bar.update(1)
+    def _pick_dtype(self) -> tuple[torch.dtype, str]:
+        if self.cfg.dtype == "auto":
+            choice = choose_dtype(self.device, "train")
+            return choice.dtype, choice.reason
+        return resolve_dtype(self.cfg.dtype, self.device, "train"), "set in the config"
 
-        if step % cfg.log_interval == 0 or step == steps:
-            steps_in_window = (step - 1) % cfg.log_interval + 1
-            last_loss = (distributed.mean_across_ranks(loss_sum, info) / steps_in_window).item()
-            elapsed = time.perf_counter() - window_start
-            tokens_per_s = window_tokens / elapsed
-            mfu = flops_per_token * tokens_per_s / (peak * info.world_size)
-            run_tokens += window_tokens
-            metrics.write(step, loss=last_loss, lr=lr, tokens_per_s=round(tokens_per_s, 1), mfu=round(mfu, 4),
-                          grad_norm=None if grad_norm is None else round(float(grad_norm), 4),
-                          micro_batches=n_micro)
-            bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.1%}", lr=f"{lr:.2e}")
-            loss_sum.zero_()
-            window_tokens, window_start = 0, time.perf_counter()
+    def _restore(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.elapsed = state["step"], state["elapsed"]
+        self.best_score, self.best_results = state["best_score"], state["best_results"]
+        if self.cfg.max_time:   # the plan continues; otherwise the config's length holds (it may have grown)
+            self.total_steps = state["total_steps"]
+        rng = state["rng"]
+        if len(rng) == self.info.world_size:   # another world size draws fresh dropout masks
+            torch.set_rng_state(rng[self.info.rank]["cpu"])
+            if self.device.type == "cuda" and rng[self.info.rank].get("cuda") is not None:
+                torch.cuda.set_rng_state(rng[self.info.rank]["cuda"], self.device)
 
-        if step % cfg.eval_interval == 0 or step == steps:
-            val_loss = evaluate()
-            if val_loss is not None:
-                metrics.write(step, val_loss=val_loss, val_perplexity=math.exp(min(val_loss, 50)))
-                if show:
-                    bar.write(f"step {step}: val loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}")
-                if val_loss < best_val:
-                    best_val = val_loss
-                    checkpoint("best", val_loss)
-            checkpoint("last", val_loss)
-            if on_eval is not None and val_loss is not None:
-                on_eval(step, steps, {"val_loss": val_loss})
-            window_start = time.perf_counter()   # evaluation and saving do not count against tokens/s
-        elif cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0:
-            checkpoint("last", val_loss)
-            window_start = time.perf_counter()
-    bar.close()
-    if val_set is None:   # nothing to rank checkpoints by: the final weights are the best we know
-        checkpoint("best", None)
-    metrics.close()
-    elapsed = time.perf_counter() - run_start
-    return TrainResult(out, step, last_loss, val_loss, best_val if best_val < float("inf") else None,
-                       run_tokens / elapsed if elapsed > 0 else 0.0)
+    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """What the forward passes go through: compiled and/or DDP; the optimizer holds the plain model."""
+        if self.cfg.compile:
+            model = torch.compile(model)
+        if self.info.enabled:
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return model
 
+    def _write_start(self, fresh: bool, dtype_reason: str) -> None:
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        write_text_atomic(self.out / "train_config.json", json.dumps(
+            {**to_dict(self.cfg), "task": self.task.name, "total_steps": self.total_steps,
+             "world_size": self.info.world_size, "trainable_parameters": trainable, **self.task.checkpoint_meta()},
+            indent=2, default=str))
+        (self.out / RESULT).unlink(missing_ok=True)   # written again only when this run finishes
+        message = f"training in {dtype_name(self.dtype)} on {self.device}: {dtype_reason}"
+        if self.show:
+            tqdm.write(message)
+        log.info(message)
+        if fresh:   # a fresh run starts a fresh metrics file
+            self.metrics.path.unlink(missing_ok=True)
+            self.metrics.write(0, event="start", task=self.task.name, dtype=dtype_name(self.dtype),
+                               dtype_reason=dtype_reason, device=str(self.device), total_steps=self.total_steps,
+                               world_size=self.info.world_size, trainable_parameters=trainable,
+                               parameters=sum(p.numel() for p in self.model.parameters()))
 
-def with_config(model: GPT, cfg) -> GPT:
-    """A GPT of config ``cfg`` (e.g. other dropout rates) holding ``model``'s weights."""
-    fresh = GPT(cfg.validate())
-    missing, unexpected = fresh.load_state_dict(model.state_dict(), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"init_from weights do not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    return fresh
+    # --- the loop --------------------------------------------------------------------------------
+
+    def run(self, on_eval: OnEval | None) -> TrainResult:
+        cfg = self.cfg
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"training ({self.task.name})", unit="step",
+                   disable=not self.show, dynamic_ncols=True)
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.window_units, self.window_start, run_units = 0, time.perf_counter(), 0
+        clock, results, last_loss = time.perf_counter() - self.elapsed, {}, float("nan")
+        try:
+            while self.step < self.total_steps:
+                lr = learning_rate(self.step, cfg, self.total_steps)
+                grad_norm = self._train_step(lr)
+                self.step += 1
+                bar.update(1)
+                self.elapsed = time.perf_counter() - clock
+                if cfg.max_time:
+                    self._plan_steps(bar)
+                final = self.step == self.total_steps
+                if self.step % cfg.log_interval == 0 or final:
+                    run_units += self.window_units
+                    last_loss = self._log(lr, grad_norm, bar)
+                if self.step % cfg.eval_interval == 0 or final:
+                    results = self._validate(bar, on_eval)
+                elif cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0:
+                    self._save("last", {})
+                    self.window_start = time.perf_counter()
+        except KeyboardInterrupt:
+            self._save_on_interrupt(bar)
+            raise
+        bar.close()
+        if not self.best_results:   # nothing to rank checkpoints by: the final weights are the best we know
+            self._save("best", results)
+        self.metrics.close()
+        result = TrainResult(self.out, self.step, last_loss, results.get("val_loss"),
+                             self.best_results.get("val_loss"), self.best_results,
+                             run_units / self.elapsed if self.elapsed > 0 else 0.0)
+        if self.info.is_main:
+            write_text_atomic(self.out / RESULT, json.dumps({**asdict(result), "out_dir": str(self.out),
+                                                             "seconds": round(self.elapsed, 1)}, indent=2))
+        return result
+
+    def _train_step(self, lr: float) -> torch.Tensor | None:
+        """Accumulate this step's micro-batches, then clip and step; returns the gradient norm."""
+        set_learning_rate(self.optimizer, lr)
+        batches = self.task.step_batches(self.step, self.info)
+        for i, (batch, share, units) in enumerate(batches):
+            sync = i == len(batches) - 1 or not self.info.enabled   # DDP all-reduces on the last one only
+            with nullcontext() if sync else self.trained.no_sync():
+                with autocast(self.device, self.dtype):
+                    loss = self.task.loss(self.trained, batch)
+                self.scaler.scale(loss * share).backward()
+            self.loss_sum += loss.detach().float() * share   # stays on the device: no sync per micro-batch
+            self.window_units += units * self.info.world_size
+        return clip_and_step(self.model, self.optimizer, self.cfg.grad_clip, self.scaler)
+
+    def _plan_steps(self, bar: tqdm) -> None:
+        """Under max_time: the step count that fits the time left at the speed measured so far
+        (evaluations and checkpoints included), so the schedule still ends its decay in time."""
+        per_step = self.elapsed / self.step
+        planned = self.step + max(0, int((self.cfg.max_time - self.elapsed) / per_step))
+        planned = max(self.step, min(planned, self.cap) if self.cap else planned)
+        if planned != self.total_steps:
+            self.total_steps = bar.total = planned
+
+    def _log(self, lr: float, grad_norm: torch.Tensor | None, bar: tqdm) -> float:
+        steps_in_window = (self.step - 1) % self.cfg.log_interval + 1
+        loss = (distributed.mean_across_ranks(self.loss_sum, self.info) / steps_in_window).item()
+        rate = self.window_units / (time.perf_counter() - self.window_start)
+        values = {"loss": loss, "lr": lr, f"{self.task.unit}_per_s": round(rate, 1),
+                  "grad_norm": None if grad_norm is None else round(float(grad_norm), 4)}
+        postfix = {"loss": f"{loss:.3f}", self.task.unit[:3] + "/s": f"{rate:,.0f}", "lr": f"{lr:.2e}"}
+        if self.peak_flops:
+            values["mfu"] = round(self.task.flops_per_unit * rate / (self.peak_flops * self.info.world_size), 4)
+            postfix["mfu"] = f"{values['mfu']:.1%}"
+        if self.cfg.max_time:
+            values["planned_steps"] = self.total_steps
+        self.metrics.write(self.step, **values)
+        bar.set_postfix(postfix)
+        self.loss_sum.zero_()
+        self.window_units, self.window_start = 0, time.perf_counter()
+        return loss
+
+    def _validate(self, bar: tqdm, on_eval: OnEval | None) -> dict:
+        """Validation, best/ when it improved on best_metric, and last/."""
+        self.model.eval()
+        with torch.no_grad():
+            results = self.task.evaluate(self.model, self.device, self.dtype, self.info)
+        self.model.train()
+        if results:
+            self.metrics.write(self.step, **{k if k.startswith("val_") else f"val_{k}": v for k, v in results.items()})
+            if self.show:
+                bar.write(f"step {self.step}/{self.total_steps}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
+            score = results[self.cfg.best_metric]
+            if score < self.best_score if self.lower_is_better else score > self.best_score:
+                self.best_score, self.best_results = score, {**results, "step": self.step}
+                self._save("best", self.best_results)
+        self._save("last", results)
+        if on_eval is not None and results:
+            on_eval(self.step, self.total_steps, results)
+        self.window_start = time.perf_counter()   # evaluation and saving do not count against throughput
+        return results
+
+    def _save(self, name: str, results: dict) -> None:
+        """Rank 0 writes; every rank calls it with the same name, as gathering RNG states is collective."""
+        meta = {"step": self.step, "total_steps": self.total_steps, "val_loss": results.get("val_loss"),
+                "metrics": results, "task": self.task.name, "train_config": to_dict(self.cfg),
+                **self.task.checkpoint_meta()}
+        if name == "last":
+            rng = distributed.gather_objects({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(
+                self.device) if self.device.type == "cuda" else None}, self.info)
+            state = {"step": self.step, "total_steps": self.total_steps, "elapsed": self.elapsed,
+                     "best_score": self.best_score, "best_results": self.best_results,
+                     "optimizer": self.optimizer.state_dict(), "rng": rng,
+                     "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
+            if self.info.is_main:
+                save_checkpoint(self.out / name, self.model, self.tokenizer, meta=meta, train_state=state)
+        elif self.info.is_main:
+            save_checkpoint(self.out / name, self.task.for_serving(self.model), self.tokenizer, meta=meta)
+        distributed.barrier(self.info)
+
+    def _save_on_interrupt(self, bar: tqdm) -> None:
+        """Ctrl-C: keep the steps done in last/ (one process only: other ranks may not be stopping)."""
+        bar.close()
+        if not self.info.enabled and self.step:
+            self._save("last", {})
+        message = (f"stopped at step {self.step} of {self.total_steps}; run the same command again to resume "
+                   f"from {self.out / 'last'} (this run's best/ is not final: no {RESULT} was written)")
+        log.warning(message)
+        if self.show:
+            tqdm.write(message)

@@ -10,15 +10,16 @@ from ..config import TrainConfig
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW where weight decay touches only 2-D weights (matmuls and embeddings), as in GPT-3;
-    biases and LayerNorm gains are not decayed. Uses the fused kernel where this torch has one."""
+    """Adam(W) where weight decay touches only 2-D weights (matmuls and embeddings), as in GPT-3;
+    biases and LayerNorm gains are not decayed. ``optimizer: adamw`` decays the weights directly
+    (decoupled, Loshchilov & Hutter); ``adam`` adds ``weight_decay * w`` to the gradient (L2), which
+    Adam then rescales. Uses the fused kernel where this torch has one."""
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay if cfg.optimizer == "adamw" else 0.0},
-              {"params": no_decay, "weight_decay": 0.0}]
-    fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=cfg.peak_learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    kind = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return kind(groups, lr=cfg.peak_learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                fused=device.type in ("cuda", "cpu"))
 
 
 def learning_rate(step: int, cfg: TrainConfig, total_steps: int) -> float:

@@ -1,0 +1,71 @@
+"""What a request must pass before the engine sees it: the model name, the server's sampling
+limits, the context length and the key's rate limits. Admission is all or nothing, so a request
+for n samples never leaves some of them running after a refusal."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import Request
+
+from ..inference.engine import EngineStopped, QueueFull, RequestHandle
+from ..inference.sampling import SamplingParams
+from .errors import APIError, overloaded
+from .schemas import SamplingFields
+from .state import ServerState
+
+log = logging.getLogger("gptstack.serve")
+
+
+def check_model(state: ServerState, name: str | None) -> None:
+    served = state.config.model_name
+    if name is not None and name != served:
+        raise APIError(404, f"model {name!r} does not exist; this server serves {served!r}",
+                       param="model", code="model_not_found")
+
+
+def check_sampling(state: ServerState, body: SamplingFields) -> None:
+    """The limits of this server that the request schema cannot know: n, the vocabulary."""
+    max_n = state.config.max_n
+    if body.n > max_n:
+        raise APIError(400, f"n must be at most {max_n}, got {body.n}", param="n")
+    if body.logit_bias:
+        raise APIError(400, "logit_bias is not supported by this server", param="logit_bias")
+    vocab_size = state.tokenizer.vocab_size
+    bad_ids = [t for t in body.stop_token_ids if not 0 <= t < vocab_size]
+    if bad_ids:
+        raise APIError(400, f"stop_token_ids {bad_ids[:5]} are outside the vocabulary", param="stop_token_ids")
+
+
+def charge(state: ServerState, request: Request, tokens: int, remedy: str, param: str) -> None:
+    """Count ``tokens`` against the key's rate limits, or refuse (400 if they can never fit, else 429)."""
+    if state.limiter.exceeds_capacity(tokens):
+        raise APIError(400, f"this request needs {tokens} tokens, more than the per-minute limit of "
+                       f"{state.config.tokens_per_minute}; {remedy}", param=param)
+    wait = state.limiter.acquire(request.state.key_id, tokens)
+    if wait:
+        raise APIError(429, f"rate limit reached for this API key; retry in {wait:.0f}s", "rate_limit_error",
+                       code="rate_limit_exceeded", headers={"Retry-After": str(int(wait))})
+
+
+def admit(state: ServerState, request: Request, prompts: list[list[int]],
+          params: list[SamplingParams]) -> list[RequestHandle]:
+    """Validate against the context, charge the rate limits, and submit everything or nothing."""
+    for ids, p in zip(prompts, params):
+        try:
+            state.engine.check(ids, p)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="prompt") from None
+    charge(state, request, sum(len(ids) + p.max_new_tokens for ids, p in zip(prompts, params)),
+           "lower max_tokens or n", "max_tokens")
+    handles = []
+    try:
+        for ids, p in zip(prompts, params):
+            handles.append(state.engine.submit(ids, p))
+    except (QueueFull, EngineStopped) as exc:
+        for h in handles:
+            h.cancel()
+        raise overloaded(exc) from None
+    if state.config.log_prompts:
+        log.info("prompts key=%s: %s", request.state.key_id, [state.tokenizer.decode(ids) for ids in prompts])
+    return handles

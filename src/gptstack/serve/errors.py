@@ -1,0 +1,79 @@
+"""Errors leave in the OpenAI shape ``{"error": {message, type, param, code}}``, never as a traceback.
+
+Routes raise ``APIError``; the handlers installed here turn it, FastAPI's validation and HTTP errors
+and anything unexpected into that shape, counting each in the error metric.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .schemas import error_body
+from .state import server_state
+
+log = logging.getLogger("gptstack.serve")
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
+
+
+def overloaded(reason: Exception) -> APIError:
+    """The engine's queue is full or it is stopping: worth a retry in a moment."""
+    return APIError(503, f"the server is at capacity ({reason}); retry shortly", "server_overloaded",
+                    code="overloaded", headers={"Retry-After": "1"})
+
+
+def error_response(status: int, message: str, type_: str = "invalid_request_error", param=None, code=None,
+                   headers=None) -> JSONResponse:
+    return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
+
+
+def counted_error(request: Request, status: int, message: str, *args, **kwargs) -> JSONResponse:
+    server_state(request).metrics.count_error(status)
+    return error_response(status, message, *args, **kwargs)
+
+
+async def on_api_error(request: Request, exc: APIError) -> JSONResponse:
+    return counted_error(request, exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
+
+
+async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """The first problem only, named by its place in the body (``messages.0.role``)."""
+    first = exc.errors()[0]
+    if first.get("type") == "json_invalid":
+        return counted_error(request, 400, "the request body is not valid JSON (or not UTF-8): "
+                             f"{first.get('ctx', {}).get('error', first.get('msg'))}", code="invalid_json")
+    location = ".".join(str(p) for p in first.get("loc", ())[1:]) or "body"
+    message = f"{location}: {first.get('msg')}"
+    if first.get("type") == "extra_forbidden":
+        message = f"unknown parameter {location!r}"
+    return counted_error(request, 400, message, param=location)
+
+
+async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 400:   # FastAPI could not read the body at all (e.g. not UTF-8)
+        return counted_error(request, 400, f"the request body could not be parsed ({exc.detail}); send UTF-8 JSON",
+                             code="invalid_json")
+    return counted_error(request, exc.status_code, str(exc.detail), code=str(exc.status_code))
+
+
+async def on_unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error on %s", request.url.path)
+    return counted_error(request, 500, "internal error; the server log has the details", "server_error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected_error)
