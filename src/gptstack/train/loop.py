@@ -154,8 +154,9 @@ class Trainer:
 
     def _write_start(self, fresh: bool, dtype_reason: str) -> None:
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        total = None if self.cfg.max_time else self.total_steps   # under max_time, planned as the run goes
         write_text_atomic(self.out / "train_config.json", json.dumps(
-            {**to_dict(self.cfg), "task": self.task.name, "total_steps": self.total_steps,
+            {**to_dict(self.cfg), "task": self.task.name, "total_steps": total,
              "world_size": self.info.world_size, "trainable_parameters": trainable, **self.task.checkpoint_meta()},
             indent=2, default=str))
         (self.out / RESULT).unlink(missing_ok=True)   # written again only when this run finishes
@@ -166,7 +167,7 @@ class Trainer:
         if fresh:   # a fresh run starts a fresh metrics file
             self.metrics.path.unlink(missing_ok=True)
             self.metrics.write(0, event="start", task=self.task.name, dtype=dtype_name(self.dtype),
-                               dtype_reason=dtype_reason, device=str(self.device), total_steps=self.total_steps,
+                               dtype_reason=dtype_reason, device=str(self.device), total_steps=total,
                                world_size=self.info.world_size, trainable_parameters=trainable,
                                parameters=sum(p.numel() for p in self.model.parameters()))
 
