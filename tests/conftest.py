@@ -17,6 +17,12 @@ REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "src" / "gptstack" / "assets" / "corpus" / "tinyshakespeare.txt"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_probe_cache(tmp_path_factory):
+    """dtype probes measured under the test suite's load stay out of the user's cache (subprocesses inherit this)."""
+    os.environ["GPTSTACK_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture(scope="session")
 def shakespeare(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "shakespeare"

@@ -205,3 +205,17 @@ def test_call_runs_on_the_engine_thread_between_steps(engine):
     engine.shutdown()
     with pytest.raises(EngineStopped):
         engine.call(lambda: None)
+
+
+def test_a_second_caller_during_an_inline_stream_is_refused(tiny_checkpoint):
+    """stream() without a running loop drives the loop itself; a second caller meanwhile would wait forever."""
+    model, tok, _ = load_model(tiny_checkpoint)
+    engine = Engine(model, tok)
+    first = engine.stream("ROMEO:", SamplingParams(max_new_tokens=5, seed=0))
+    next(first)
+    with pytest.raises(RuntimeError, match="unfinished stream"):
+        next(engine.stream("JULIET:", SamplingParams(max_new_tokens=5, seed=0)))
+    with pytest.raises(RuntimeError, match="unfinished stream"):
+        engine.generate(["JULIET:"], SamplingParams(max_new_tokens=5))
+    assert len(list(first)) >= 1
+    assert engine.generate(["JULIET:"], SamplingParams(max_new_tokens=5, ignore_eos=True))[0].finish_reason == "length"

@@ -100,7 +100,7 @@ def test_classifier_eval_report_and_json(tiny_classifier, tmp_path):
     val = tiny_classifier.parent / "splits" / "val.jsonl"
     out, html, png = tmp_path / "r.json", tmp_path / "report.html", tmp_path / "report.png"
     proc = run_cli("eval", "--checkpoint", str(tiny_classifier), "--data", str(val), "--json", str(out),
-                   "--report", str(html), "--quiet", check=True)
+                   "--report", str(html), "--quiet", "--dtype", "fp32", check=True)   # as the fine-tune scored
     result = json.loads(out.read_text())
     meta = json.loads((tiny_classifier / "config.json").read_text())["meta"]["metrics"]
     assert result["task"] == "classification"

@@ -267,7 +267,8 @@ class ClassificationTask(FinetuneTask):
             return ([classification_ids(tokenizer, text, max_tokens) for text in data.texts],
                     torch.tensor([index[label] for label in data.labels]))
         self.train, self.val = tensors(train), tensors(val) if val else None
-        self.class_weights = class_weights(cfg.class_weights, train.labels, self.labels)
+        weights = class_weights(cfg.class_weights, train.labels, self.labels)
+        self.class_weights = None if weights is None else weights.to(self.info.device)
         return classifier or SequenceClassifier(gpt, self.labels)
 
     def batch(self, rows: np.ndarray, device) -> tuple:
@@ -277,8 +278,7 @@ class ClassificationTask(FinetuneTask):
 
     def loss(self, model: SequenceClassifier, batch: tuple) -> torch.Tensor:
         idx, lengths, labels = batch
-        weight = None if self.class_weights is None else self.class_weights.to(idx.device)
-        return F.cross_entropy(model(idx, lengths).float(), labels, weight=weight,
+        return F.cross_entropy(model(idx, lengths).float(), labels, weight=self.class_weights,
                                label_smoothing=self.cfg.label_smoothing)
 
     def evaluate(self, model: SequenceClassifier, device, dtype, info) -> dict:

@@ -221,14 +221,19 @@ def prepare(inputs: list[str | Path], out_dir: str | Path, tokenizer: str | dict
     return manifest
 
 
-def ensure_prepared(path: str | Path, cache_dir: str | Path, tokenizer: str = "gpt2", progress: bool = True) -> Path:
-    """A prepared dataset dir as is; raw text (a file or folder) prepared once into cache_dir/<its name>."""
+def prepared_location(path: str | Path, cache_dir: str | Path) -> Path:
+    """Where ``ensure_prepared`` keeps ``path``'s tokens: the path itself if it is a prepared dataset."""
     source = Path(path)
     if (source / MANIFEST).exists():
         return source
     if not source.exists():
         raise FileNotFoundError(f"data {source} does not exist; pass a dataset made by `gptstack prepare` or a text file/folder")
-    target = Path(cache_dir) / source.stem
+    return Path(cache_dir) / source.stem
+
+
+def ensure_prepared(path: str | Path, cache_dir: str | Path, tokenizer: str = "gpt2", progress: bool = True) -> Path:
+    """A prepared dataset dir as is; raw text (a file or folder) prepared once into cache_dir/<its name>."""
+    target = prepared_location(path, cache_dir)
     if not (target / MANIFEST).exists():
-        prepare([source], target, tokenizer=tokenizer, progress=progress)
+        prepare([Path(path)], target, tokenizer=tokenizer, progress=progress)
     return target

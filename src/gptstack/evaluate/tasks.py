@@ -81,12 +81,13 @@ def evaluate(cfg: EvalConfig) -> dict:
     config = verify(cfg.checkpoint)
     task = pick_task(cfg, bool(config.get("head")))
     device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
     result = {"task": task, "checkpoint": str(cfg.checkpoint), "data": str(cfg.data)}
-    if task == "classification":
-        return {**result, **_classification(cfg, device, dtype)}
     if task == "generation":
         return {**result, **_generation(cfg, device)}
+    # scoring whole windows under autocast is shaped like training's forward pass, not like decoding
+    dtype = resolve_dtype(cfg.dtype, device, workload="train")
+    if task == "classification":
+        return {**result, **_classification(cfg, device, dtype)}
     return {**result, **_language_model(cfg, device, dtype)}
 
 

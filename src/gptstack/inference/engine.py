@@ -193,6 +193,7 @@ class Engine:
         self._lock = threading.Condition()
         self._ids = itertools.count()
         self._running = False
+        self._inline = False        # a generate()/stream() is running the loop in its caller's thread
         self._thread: threading.Thread | None = None
         self.stats = collections.Counter()       # requests, tokens, cancelled, steps ...
 
@@ -207,6 +208,7 @@ class Engine:
 
     def start(self) -> "Engine":
         """Run the loop in a background thread (for asyncio callers and tests)."""
+        self._refuse_while_inline()
         with self._lock:
             if self._running:
                 return self
@@ -304,6 +306,7 @@ class Engine:
 
     def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams) -> list[Completion]:
         """Complete every prompt (batch use). Without a running loop, runs it in this thread."""
+        self._refuse_while_inline()
         ids = [self._token_ids(p) for p in prompts]
         if self._running:
             handles = [self.submit(p, params, block=True) for p in ids]
@@ -322,6 +325,7 @@ class Engine:
     def stream(self, prompt: str | list[int], params: SamplingParams) -> Iterator[TokenEvent]:
         """One request's events as they are made. Without a running loop, runs it in this thread
         between events (the fast place on a CPU, see above)."""
+        self._refuse_while_inline()
         ids = self._token_ids(prompt)
         handle = None
         try:
@@ -341,7 +345,7 @@ class Engine:
     def _run_inline(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[list[RequestHandle]]:
         """Run the loop in this thread until every prompt is done, yielding their handles once all
         are submitted and again after each step (so the caller can stream)."""
-        self._running = True
+        self._running = self._inline = True
         try:
             handles = []
             for prompt in prompts:
@@ -353,7 +357,13 @@ class Engine:
                 self._step_inline()
                 yield handles
         finally:
-            self._running = False
+            self._running = self._inline = False
+
+    def _refuse_while_inline(self) -> None:
+        """A second caller would wait for a loop that only the paused first one drives."""
+        if self._inline:
+            raise RuntimeError("this engine is decoding for an unfinished stream() in this thread; finish it "
+                               "first, or call engine.start() so that one loop serves every caller")
 
     def _step_inline(self) -> None:
         # inference mode only around the step: a generator must not leave it on in its caller's code

@@ -17,8 +17,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -37,6 +39,7 @@ from .optim import build_optimizer, clip_and_step, learning_rate, set_learning_r
 
 log = logging.getLogger("gptstack.train")
 RESULT = "result.json"
+UNPLANNED = 10 ** 12   # the step count of a max_time run before its first measured steps
 LOWER_IS_BETTER = ("val_loss", "val_perplexity")
 OnEval = Callable[[int, int, dict], None]
 
@@ -75,7 +78,7 @@ class Task(Protocol):
 class TrainResult:
     out_dir: Path
     steps: int
-    final_loss: float                  # mean training loss of the last logging window
+    final_loss: float | None           # mean training loss of the last logging window
     val_loss: float | None             # at the last evaluation
     best_val_loss: float | None        # at the best step (picked by best_metric)
     metrics: dict = field(default_factory=dict)   # all validation results at the best step, with "step"
@@ -114,34 +117,44 @@ class Trainer:
         self.step, self.elapsed, self.best_results = 0, 0.0, {}
         self.best_score = math.inf if self.lower_is_better else -math.inf
         self.cap = cfg.planned_steps(task.steps_per_epoch(info.world_size))
-        self.total_steps = self.cap or 1
+        self.total_steps = self.cap or UNPLANNED   # under max_time alone, planned after the first steps
         if state is not None:
             self._restore(state)
         self.trained = self._wrap(self.model)
+        # the logging window: loss summed on the device, steps and units since the last log line
+        self.loss_sum, self.window_steps, self.window_units = torch.zeros((), device=self.device), 0, 0
+        self.window_start = time.perf_counter()
+        self.stop_requested = False   # set by Ctrl-C; honoured at the next step boundary
         self.metrics = MetricsWriter(self.out, enabled=info.is_main, tensorboard=cfg.tensorboard)
         self.peak_flops = (cfg.peak_flops or measure_peak_flops(self.device, self.dtype)) if task.flops_per_unit else 0.0
         if info.is_main:
             self._write_start(state is None, dtype_reason)
 
     def _pick_dtype(self) -> tuple[torch.dtype, str]:
-        if self.cfg.dtype == "auto":
-            choice = choose_dtype(self.device, "train")
-            return choice.dtype, choice.reason
-        return resolve_dtype(self.cfg.dtype, self.device, "train"), "set in the config"
+        """The training dtype; ``auto`` is measured on rank 0 alone and shared, so all ranks agree."""
+        if self.cfg.dtype != "auto":
+            return resolve_dtype(self.cfg.dtype, self.device, "train"), "set in the config"
+        choice = choose_dtype(self.device, "train") if self.info.is_main else None
+        name, reason = distributed.broadcast_object(
+            (dtype_name(choice.dtype), choice.reason) if choice else None, self.info)
+        return resolve_dtype(name, self.device, "train"), reason
 
     def _restore(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        self.step, self.elapsed = state["step"], state["elapsed"]
-        self.best_score, self.best_results = state["best_score"], state["best_results"]
+        # states written before the loop was shared lack elapsed / best_results and name the score best_val_loss
+        self.step, self.elapsed = state["step"], state.get("elapsed", 0.0)
+        self.best_score = state.get("best_score", state.get("best_val_loss", self.best_score))
+        self.best_results = state.get("best_results", {})
         if self.cfg.max_time:   # the plan continues; otherwise the config's length holds (it may have grown)
             self.total_steps = state["total_steps"]
         rng = state["rng"]
         if len(rng) == self.info.world_size:   # another world size draws fresh dropout masks
-            torch.set_rng_state(rng[self.info.rank]["cpu"])
-            if self.device.type == "cuda" and rng[self.info.rank].get("cuda") is not None:
-                torch.cuda.set_rng_state(rng[self.info.rank]["cuda"], self.device)
+            mine = rng[self.info.rank] if isinstance(rng[self.info.rank], dict) else {"cpu": rng[self.info.rank]}
+            torch.set_rng_state(mine["cpu"])
+            if self.device.type == "cuda" and mine.get("cuda") is not None:
+                torch.cuda.set_rng_state(mine["cuda"], self.device)
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """What the forward passes go through: compiled and/or DDP; the optimizer holds the plain model."""
@@ -175,39 +188,44 @@ class Trainer:
 
     def run(self, on_eval: OnEval | None) -> TrainResult:
         cfg = self.cfg
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"training ({self.task.name})", unit="step",
-                   disable=not self.show, dynamic_ncols=True)
-        self.loss_sum = torch.zeros((), device=self.device)
-        self.window_units, self.window_start, run_units = 0, time.perf_counter(), 0
-        clock, results, last_loss = time.perf_counter() - self.elapsed, {}, float("nan")
-        try:
+        bar = tqdm(total=None if self.total_steps == UNPLANNED else self.total_steps, initial=self.step,
+                   desc=f"training ({self.task.name})", unit="step", disable=not self.show, dynamic_ncols=True)
+        clock = time.perf_counter() - self.elapsed   # elapsed carries on across resumes (max_time counts it)
+        session_start, session_units, pace_from = time.perf_counter(), 0, None
+        results, last_loss, self.eval_seconds = {}, None, 0.0
+        with self._ctrl_c_stops_at_a_step_boundary():
             while self.step < self.total_steps:
                 lr = learning_rate(self.step, cfg, self.total_steps)
                 grad_norm = self._train_step(lr)
                 self.step += 1
                 bar.update(1)
-                self.elapsed = time.perf_counter() - clock
-                if cfg.max_time:
-                    self._plan_steps(bar)
+                # ranks agree on time and on Ctrl-C at log lines, where they synchronise anyway
+                in_step = not self.info.enabled or self.step % cfg.log_interval == 0
+                if in_step:
+                    self.elapsed = distributed.max_across_ranks(time.perf_counter() - clock, self.info)
+                    if cfg.max_time:
+                        self._plan_steps(bar, pace_from)
+                        pace_from = pace_from or (self.elapsed, self.step)   # after compiling and allocating
                 final = self.step == self.total_steps
                 if self.step % cfg.log_interval == 0 or final:
-                    run_units += self.window_units
+                    session_units += self.window_units
                     last_loss = self._log(lr, grad_norm, bar)
                 if self.step % cfg.eval_interval == 0 or final:
                     results = self._validate(bar, on_eval)
                 elif cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0:
                     self._save("last", {})
                     self.window_start = time.perf_counter()
-        except KeyboardInterrupt:
-            self._save_on_interrupt(bar)
-            raise
+                if in_step and self._agree_to_stop():
+                    self._stop(bar)
         bar.close()
+        self.elapsed = time.perf_counter() - clock
         if not self.best_results:   # nothing to rank checkpoints by: the final weights are the best we know
             self._save("best", results)
         self.metrics.close()
+        session = time.perf_counter() - session_start
         result = TrainResult(self.out, self.step, last_loss, results.get("val_loss"),
                              self.best_results.get("val_loss"), self.best_results,
-                             run_units / self.elapsed if self.elapsed > 0 else 0.0)
+                             session_units / session if session > 0 else 0.0)
         if self.info.is_main:
             write_text_atomic(self.out / RESULT, json.dumps({**asdict(result), "out_dir": str(self.out),
                                                              "seconds": round(self.elapsed, 1)}, indent=2))
@@ -225,20 +243,24 @@ class Trainer:
                 self.scaler.scale(loss * share).backward()
             self.loss_sum += loss.detach().float() * share   # stays on the device: no sync per micro-batch
             self.window_units += units * self.info.world_size
+        self.window_steps += 1
         return clip_and_step(self.model, self.optimizer, self.cfg.grad_clip, self.scaler)
 
-    def _plan_steps(self, bar: tqdm) -> None:
-        """Under max_time: the step count that fits the time left at the speed measured so far
-        (evaluations and checkpoints included), so the schedule still ends its decay in time."""
-        per_step = self.elapsed / self.step
-        planned = self.step + max(0, int((self.cfg.max_time - self.elapsed) / per_step))
-        planned = max(self.step, min(planned, self.cap) if self.cap else planned)
+    def _plan_steps(self, bar: tqdm, pace_from: tuple[float, int] | None) -> None:
+        """Under max_time: the step count that fits the time left at the pace measured so far (from
+        ``pace_from`` = (elapsed, step), past this session's first steps, once there is one;
+        evaluations and checkpoints included), keeping back the time of one more evaluation for the
+        last step, so the schedule still ends its decay in time."""
+        since_elapsed, since_step = pace_from if pace_from and pace_from[1] < self.step else (0.0, 0)
+        per_step = (self.elapsed - since_elapsed) / (self.step - since_step)
+        left = self.cfg.max_time - self.elapsed - self.eval_seconds
+        planned = self.step + max(0, int(left / per_step))
+        planned = min(planned, self.cap) if self.cap else planned
         if planned != self.total_steps:
-            self.total_steps = bar.total = planned
+            self.total_steps = bar.total = max(self.step, planned)
 
     def _log(self, lr: float, grad_norm: torch.Tensor | None, bar: tqdm) -> float:
-        steps_in_window = (self.step - 1) % self.cfg.log_interval + 1
-        loss = (distributed.mean_across_ranks(self.loss_sum, self.info) / steps_in_window).item()
+        loss = (distributed.mean_across_ranks(self.loss_sum, self.info) / self.window_steps).item()
         rate = self.window_units / (time.perf_counter() - self.window_start)
         values = {"loss": loss, "lr": lr, f"{self.task.unit}_per_s": round(rate, 1),
                   "grad_norm": None if grad_norm is None else round(float(grad_norm), 4)}
@@ -251,11 +273,12 @@ class Trainer:
         self.metrics.write(self.step, **values)
         bar.set_postfix(postfix)
         self.loss_sum.zero_()
-        self.window_units, self.window_start = 0, time.perf_counter()
+        self.window_steps, self.window_units, self.window_start = 0, 0, time.perf_counter()
         return loss
 
     def _validate(self, bar: tqdm, on_eval: OnEval | None) -> dict:
         """Validation, best/ when it improved on best_metric, and last/."""
+        started = time.perf_counter()
         self.model.eval()
         with torch.no_grad():
             results = self.task.evaluate(self.model, self.device, self.dtype, self.info)
@@ -272,6 +295,7 @@ class Trainer:
         if on_eval is not None and results:
             on_eval(self.step, self.total_steps, results)
         self.window_start = time.perf_counter()   # evaluation and saving do not count against throughput
+        self.eval_seconds = self.window_start - started
         return results
 
     def _save(self, name: str, results: dict) -> None:
@@ -292,13 +316,35 @@ class Trainer:
             save_checkpoint(self.out / name, self.task.for_serving(self.model), self.tokenizer, meta=meta)
         distributed.barrier(self.info)
 
-    def _save_on_interrupt(self, bar: tqdm) -> None:
-        """Ctrl-C: keep the steps done in last/ (one process only: other ranks may not be stopping)."""
+    @contextmanager
+    def _ctrl_c_stops_at_a_step_boundary(self):
+        """The first Ctrl-C asks the loop to stop after the step in flight (a step cut in half, or an
+        optimizer update applied but not counted, would not resume exactly); a second one stops at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum, frame):
+            if self.stop_requested:
+                raise KeyboardInterrupt
+            self.stop_requested = True
+            log.warning("stopping after this step (Ctrl-C again to stop at once)")
+        previous = signal.signal(signal.SIGINT, request_stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _agree_to_stop(self) -> bool:
+        return distributed.max_across_ranks(float(self.stop_requested), self.info) > 0
+
+    def _stop(self, bar: tqdm) -> None:
+        """Save last/ (every rank takes part) and leave the run unfinished: no result.json."""
+        self._save("last", {})
         bar.close()
-        if not self.info.enabled and self.step:
-            self._save("last", {})
         message = (f"stopped at step {self.step} of {self.total_steps}; run the same command again to resume "
                    f"from {self.out / 'last'} (this run's best/ is not final: no {RESULT} was written)")
         log.warning(message)
         if self.show:
             tqdm.write(message)
+        raise KeyboardInterrupt(message)

@@ -16,7 +16,7 @@ import torch
 from ..checkpoint import load_model, with_config
 from ..config import TrainConfig, model_info
 from ..data.loader import BatchSampler, TokenDataset, eval_batches, read_manifest
-from ..data.prepare import ensure_prepared
+from ..data.prepare import ensure_prepared, prepared_location
 from ..model import GPT
 from ..runtime import autocast
 from ..tokenizer import Tokenizer, load_tokenizer
@@ -31,10 +31,12 @@ def train(cfg: TrainConfig, on_eval: OnEval | None = None) -> TrainResult:
 
 
 def prepared_dataset(path: str, out_dir: Path, tokenizer: str, info: distributed.DistInfo, progress: bool) -> Path:
-    """``path`` as a prepared dataset; raw text is prepared once, by rank 0, into out_dir/data."""
-    target = ensure_prepared(path, Path(out_dir) / "data", tokenizer, progress) if info.is_main else None
+    """``path`` as a prepared dataset; raw text is prepared once, by rank 0, into out_dir/data (other
+    ranks, which may be on other machines, read it there: out_dir must be shared)."""
+    if info.is_main:
+        ensure_prepared(path, Path(out_dir) / "data", tokenizer, progress)
     distributed.barrier(info)
-    return target or ensure_prepared(path, Path(out_dir) / "data", tokenizer, progress=False)
+    return prepared_location(path, Path(out_dir) / "data")
 
 
 def validation_set(directory: Path, explicit: bool) -> TokenDataset | None:
