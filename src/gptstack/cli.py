@@ -62,7 +62,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, flags: dict[str, d
     """One flag per field of the dataclass ``cls``, so a new field cannot be forgotten: ``--field-name``,
     typed and defaulted as the field, its help the field's metadata["help"] or trailing comment (or a
     same-named field's comment in ``documented_by``). ``flags`` adds argparse settings per field;
-    its "flag" key respells the flag."""
+    its "flag" key respells the flag, "positional" makes the field a positional argument."""
     flags = flags or {}
     fields = dataclasses.fields(cls)
     unknown = set(flags) - {f.name for f in fields}
@@ -76,7 +76,11 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, flags: dict[str, d
         text = settings.pop("help", None) or field.metadata.get("help") or comments.get(field.name)
         if text and settings.get("action") == "append":
             text += " (repeatable)"
-        parser.add_argument(flag, dest=field.name, help=text and text.replace("%", "%%"), **settings)
+        if settings.pop("positional", False):   # `gptstack plan gpt3-175b`: the field is the argument itself
+            settings.pop("default", None)
+            parser.add_argument(field.name, help=text and text.replace("%", "%%"), **settings)
+        else:
+            parser.add_argument(flag, dest=field.name, help=text and text.replace("%", "%%"), **settings)
 
 
 def dataclass_from_args(cls, args: argparse.Namespace):
@@ -166,6 +170,25 @@ def print_result(result) -> None:
     at = f" (best at step {result.metrics['step']})" if "step" in result.metrics else ""
     print(f"done: {result.steps} steps, final train loss {result.final_loss:.4f}; validation: {scores or 'n/a'}{at}; "
           f"checkpoints in {result.out_dir}/best and {result.out_dir}/last")
+
+
+def cmd_plan(args) -> None:
+    from .train.plan import PlanConfig, format_plan, plan
+    cfg = dataclass_from_args(PlanConfig, args)
+    result = plan(cfg)
+    if args.json:
+        rows = [{**row, "layout": vars(row["layout"])} for row in result["layouts"]]
+        print(json.dumps({**result, "layouts": rows}))
+    else:
+        print(format_plan(result, cfg))
+
+
+def add_plan_flags(p: argparse.ArgumentParser) -> None:
+    from .config import PRESETS
+    from .train.plan import PlanConfig
+    add_dataclass_flags(p, PlanConfig, {"preset": {"positional": True, "choices": list(PRESETS),
+                                                   "help": "a preset (see model-info), e.g. gpt3-175b"}})
+    p.add_argument("--json", action="store_true", help="one machine-readable JSON line")
 
 
 def cmd_eval(args) -> None:
@@ -325,6 +348,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("preset")
     p.add_argument("--json", action="store_true", help="one machine-readable JSON line")
 
+    add_command("plan", "memory per device, layouts that fit and days of training of a preset on a cluster",
+                add_plan_flags)
+
     p = sub.add_parser("prepare", help="tokenize text files / folders / JSONL into train and val shards")
     p.add_argument("inputs", nargs="+")
     p.add_argument("--out", required=True)
@@ -362,8 +388,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 COMMANDS = {"tokenize": cmd_tokenize, "train-tokenizer": cmd_train_tokenizer, "model-info": cmd_model_info,
-            "prepare": cmd_prepare, "eval": cmd_eval, "tune": cmd_tune, "generate": cmd_generate, "export": cmd_export, "import": cmd_import,
-            "serve": cmd_serve}
+            "plan": cmd_plan, "prepare": cmd_prepare, "eval": cmd_eval, "tune": cmd_tune, "generate": cmd_generate,
+            "export": cmd_export, "import": cmd_import, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:
