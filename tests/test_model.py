@@ -60,6 +60,23 @@ def test_causality_future_tokens_do_not_change_the_past():
     assert not torch.allclose(model(idx)[0][:, 15:], model(changed)[0][:, 15:])
 
 
+@pytest.mark.parametrize("T, band", [(12, 4), (13, 4), (7, 3), (64, 16), (5, 8)])
+def test_local_attention_is_dense_banded_attention(T, band):
+    """Block-local attention computes what dense attention under the band mask computes, forward and
+    backward: the same softmax over the same keys, summed in another order (fp32: ~1e-6 relative)."""
+    from gptstack.model import local_attention
+    torch.manual_seed(T)
+    q, k, v = (torch.randn(2, 3, T, 8, requires_grad=True) for _ in range(3))
+    mask = attention_mask(torch.arange(T)[None], T, band_width=band)
+    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    local = local_attention(q, k, v, band)   # band >= T: one padded block
+    torch.testing.assert_close(local, dense, rtol=1e-5, atol=1e-6)
+    grads_dense = torch.autograd.grad(dense.square().sum(), (q, k, v))
+    grads_local = torch.autograd.grad(local.square().sum(), (q, k, v))
+    for a, b in zip(grads_local, grads_dense):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_banded_layer_sees_only_its_window():
     mask = attention_mask(torch.arange(6)[None], 6, band_width=3)[0, 0]
     expected = torch.tensor([[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0],

@@ -11,6 +11,8 @@ static shapes. This module knows nothing of training or serving.
 
 from __future__ import annotations
 
+import functools
+
 import math
 from dataclasses import dataclass
 
@@ -79,6 +81,41 @@ def attention_mask(q_pos: torch.Tensor, k_len: int, band_width: int | None) -> t
     return allowed
 
 
+def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, band: int, dropout_p: float = 0.0) -> torch.Tensor:
+    """Causal attention in which each query sees only the ``band`` newest keys, itself included,
+    computed block by block: the sequence is cut into blocks of ``band`` queries, and block i attends
+    to key blocks i - 1 and i only. The work and the score memory are T x 2 band instead of T x T
+    (at T 2048, band 256: a quarter); the result is the dense banded attention's. The first block has
+    no previous one and is plain causal attention; all the others share one additive mask."""
+    B, H, T, D = q.shape
+    blocks = -(-T // band)
+    pad = blocks * band - T   # padded keys are later than every real query, so causality hides them
+    q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    head = slice(0, band)
+    first = F.scaled_dot_product_attention(q[:, :, head], k[:, :, head], v[:, :, head], dropout_p=dropout_p,
+                                           is_causal=True)
+    if blocks == 1:
+        return first[:, :, :T]
+
+    def blocks_from(t: torch.Tensor, start: int) -> torch.Tensor:   # blocks start .. start + blocks - 2
+        return t[:, :, start * band:(start + blocks - 1) * band].reshape(B, H * (blocks - 1), band, D)
+    keys = torch.cat([blocks_from(k, 0), blocks_from(k, 1)], dim=2)       # previous block, then this one
+    values = torch.cat([blocks_from(v, 0), blocks_from(v, 1)], dim=2)
+    rest = F.scaled_dot_product_attention(blocks_from(q, 1), keys, values, dropout_p=dropout_p,
+                                          attn_mask=local_band_bias(band, q.device, q.dtype))
+    return torch.cat([first, rest.view(B, H, (blocks - 1) * band, D)], dim=2)[:, :, :T]
+
+
+@functools.lru_cache(maxsize=8)
+def local_band_bias(band: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[band, 2 band] additive mask: query i of a block sees key j of (previous block + this block)
+    iff i < j <= i + band. Additive in the query's dtype, so the attention kernel converts nothing."""
+    i = torch.arange(band, device=device)[:, None]
+    j = torch.arange(2 * band, device=device)[None]
+    bias = torch.zeros(band, 2 * band, device=device, dtype=dtype)
+    return bias.masked_fill(~((j > i) & (j <= i + band)), float("-inf"))
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -91,11 +128,10 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.resid_pdrop)
 
     def mask(self, positions: torch.Tensor, T: int, cached: bool) -> torch.Tensor | None:
-        """This layer's attention mask; None where plain causal attention (is_causal) is exact."""
+        """This layer's attention mask with a cache; None without one (plain causal attention, or
+        block-local attention for a banded layer, needs none)."""
         if not cached:
-            if self.band_width is None or self.band_width >= T:
-                return None
-            positions = torch.arange(T, device=positions.device)[None]
+            return None
         return attention_mask(positions, int(positions.max()) + 1, self.band_width)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None, cache: KVCache | None,
@@ -106,12 +142,13 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
         dropout = self.attn_pdrop if self.training else 0.0
-        if mask is None and (cache is not None or self.band_width is not None):
-            mask = self.mask(positions if positions is not None else torch.arange(T, device=x.device)[None],
-                             T, cache is not None)
+        if mask is None and cache is not None:
+            mask = self.mask(positions, T, cached=True)
 
-        if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
+        if cache is None and self.band_width is not None and self.band_width < T:
+            y = local_attention(q, k, v, self.band_width, dropout)
+        elif cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         else:
             # Write this step's keys/values at their absolute positions, then attend over the
             # cache up to the furthest position in the batch (rows mask out what is not theirs).
