@@ -141,6 +141,18 @@ def test_ddp_two_processes_match_one(shakespeare, tmp_path):
     assert_torchrun_matches_one_process("train", overrides, ("loss", "val_loss"), rank_summed=("val_loss",))
 
 
+def test_a_corrupted_shard_is_refused_by_name(shakespeare, tmp_path):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(shakespeare, data)
+    shard = sorted(data.glob("train_*.bin"))[0]
+    raw = bytearray(shard.read_bytes())
+    raw[100] ^= 0xFF                      # same size, one byte changed
+    shard.write_bytes(bytes(raw))
+    proc = run_cli("train", *cli_args(tiny_overrides(data, tmp_path / "run", max_steps=1)))
+    assert proc.returncode == 2 and shard.name in proc.stderr and "checksum" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_train_cli_bad_input_is_explained(tmp_path, shakespeare):
     proc = run_cli("train", "--data", str(tmp_path / "missing"), "--out_dir", str(tmp_path / "o"))
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr

@@ -43,8 +43,8 @@ def validation_set(directory: Path, explicit: bool) -> TokenDataset | None:
     """The val split; for an explicitly given eval dataset without one, its train split."""
     splits = read_manifest(directory)["splits"]
     if splits.get("val", {}).get("tokens"):
-        return TokenDataset(directory, "val")
-    return TokenDataset(directory, "train") if explicit else None
+        return TokenDataset(directory, "val", verify=True)
+    return TokenDataset(directory, "train", verify=True) if explicit else None
 
 
 class LanguageModelTask:
@@ -56,7 +56,7 @@ class LanguageModelTask:
         self.cfg = cfg
         show = cfg.progress and info.is_main
         data_dir = prepared_dataset(cfg.data, cfg.out_dir, cfg.tokenizer, info, show)
-        self.train_set = TokenDataset(data_dir, "train")
+        self.train_set = TokenDataset(data_dir, "train", verify=True)   # a flipped byte is an error, not garbage
         eval_dir = prepared_dataset(cfg.eval_data, cfg.out_dir, cfg.tokenizer, info, show) if cfg.eval_data else data_dir
         self.val_set = validation_set(eval_dir, explicit=bool(cfg.eval_data))
         self.tokenizer = load_tokenizer(self.train_set.manifest["tokenizer"], base_dir=data_dir)
