@@ -125,6 +125,7 @@ class Trainer:
         self.loss_sum, self.window_steps, self.window_units = torch.zeros((), device=self.device), 0, 0
         self.window_start = time.perf_counter()
         self.stop_requested = False   # set by Ctrl-C; honoured at the next step boundary
+        self.eval_seconds = 0.0       # the last validation's cost, kept back when planning under max_time
         self.metrics = MetricsWriter(self.out, enabled=info.is_main, tensorboard=cfg.tensorboard)
         self.peak_flops = (cfg.peak_flops or measure_peak_flops(self.device, self.dtype)) if task.flops_per_unit else 0.0
         if info.is_main:
@@ -192,7 +193,7 @@ class Trainer:
                    desc=f"training ({self.task.name})", unit="step", disable=not self.show, dynamic_ncols=True)
         clock = time.perf_counter() - self.elapsed   # elapsed carries on across resumes (max_time counts it)
         session_start, session_units, pace_from = time.perf_counter(), 0, None
-        results, last_loss, self.eval_seconds = {}, None, 0.0
+        results, last_loss = {}, None
         with self._ctrl_c_stops_at_a_step_boundary():
             while self.step < self.total_steps:
                 lr = learning_rate(self.step, cfg, self.total_steps)
@@ -215,7 +216,7 @@ class Trainer:
                 elif cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0:
                     self._save("last", {})
                     self.window_start = time.perf_counter()
-                if in_step and self._agree_to_stop():
+                if in_step and not final and self._agree_to_stop():   # a finished run just finishes
                     self._stop(bar)
         bar.close()
         self.elapsed = time.perf_counter() - clock
