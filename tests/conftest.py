@@ -73,8 +73,6 @@ def assert_torchrun_matches_one_process(command: str, overrides: dict, keys: tup
     adds g0 + g1 and halves the sum; scaling by a power of two commutes with rounding, and a sum of
     two terms is the same in either order. Only ``rank_summed`` metrics, whose ranks each sum a part
     of the validation set, add in another order: they get n * 2^-24 relative, n <= 8 terms."""
-    import torch
-    from safetensors.torch import load_file
     from gptstack.train.metrics import read_metrics
     single = {**overrides, "out_dir": str(Path(overrides["out_dir"]) / "single"), "grad_accum_steps": 2}
     double = {**overrides, "out_dir": str(Path(overrides["out_dir"]) / "ddp"), "grad_accum_steps": 1}
@@ -90,10 +88,38 @@ def assert_torchrun_matches_one_process(command: str, overrides: dict, keys: tup
         a, b = ([r[key] for r in run if key in r] for run in rows)
         assert len(a) == len(b) > 0, key
         assert a == (pytest.approx(b, rel=8 * 2 ** -24) if key in rank_summed else b), key
-    w1, w2 = (load_file(Path(cfg["out_dir"]) / "last" / "model.safetensors") for cfg in (single, double))
-    assert w1.keys() == w2.keys()
-    for name in w1:
-        assert torch.equal(w1[name], w2[name]), name
+    assert_same_tensors(*(checkpoint_tensors(Path(cfg["out_dir"]) / "last") for cfg in (single, double)))
+
+
+def checkpoint_tensors(directory: Path) -> dict:
+    """Every tensor a checkpoint holds, by flat name: a sharded (DCP) checkpoint's model and
+    optimizer state, or a single-file checkpoint's weights."""
+    import torch
+    from safetensors.torch import load_file
+    from gptstack.checkpoint import is_sharded
+    if not is_sharded(directory):
+        return load_file(Path(directory) / "model.safetensors")
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    saved = Path(directory).parent / f".{Path(directory).name}.pt"
+    dcp_to_torch_save(directory, saved)
+    state, flat = torch.load(saved, weights_only=False), {}
+
+    def walk(value, name):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, f"{name}.{key}" if name else str(key))
+        elif isinstance(value, torch.Tensor):
+            flat[name] = value
+    walk(state, "")
+    saved.unlink()
+    return flat
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    import torch
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
 
 
 def free_port() -> int:

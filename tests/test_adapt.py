@@ -11,16 +11,19 @@ import torch.nn.functional as F
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from safetensors.torch import load_file
 
-from conftest import REPO, assert_torchrun_matches_one_process, run_cli, tiny_finetune_overrides, write_sentiment
+from conftest import (REPO, assert_same_tensors, assert_torchrun_matches_one_process, checkpoint_tensors, run_cli,
+                      tiny_finetune_overrides, write_sentiment)
 from gptstack.data.records import IGNORE_INDEX, encode_sft, pack_windows, read_records
 from gptstack.adapt.finetune import FinetuneConfig, finetune
 from gptstack.chat import DEFAULT_CHAT_TEMPLATE, chat_segments
-from gptstack.checkpoint import load_classifier, load_model
+from gptstack.checkpoint import load_classifier, load_model, save_checkpoint
 from gptstack.config import ConfigError, ModelConfig, build_train_config
 from gptstack.lora import LoRAConfig, LoRALinear, add_lora, merge_lora
-from gptstack.model import GPT
+from gptstack.model import GPT, QKV_PROJECTIONS
 from gptstack.tokenizer import load_tokenizer
 from gptstack.train.metrics import read_metrics
+
+from test_checkpoint import saved_before_the_qkv_split
 
 SST2 = REPO / "src" / "gptstack" / "assets" / "sst2" / "train.tsv"
 
@@ -107,7 +110,7 @@ def test_lora_merge_gives_the_same_logits():
     base_logits = model(x)[0]
     add_lora(model, LoRAConfig(rank=4, alpha=8))
     wrapped = [m for m in model.modules() if isinstance(m, LoRALinear)]
-    assert len(wrapped) == 4 * cfg.n_layer
+    assert len(wrapped) == 6 * cfg.n_layer          # q, k, v, attention out, MLP up and down
     torch.testing.assert_close(model(x)[0], base_logits)        # B starts at zero: nothing changes yet
     for m in wrapped:
         torch.nn.init.normal_(m.lora_B, std=0.05)
@@ -118,6 +121,43 @@ def test_lora_merge_gives_the_same_logits():
     merge_lora(model)
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
     torch.testing.assert_close(model(x)[0], adapted, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_adapters_on_the_fused_c_attn_still_load(tmp_path):
+    """Before q, k and v had projections of their own, an adapter sat on ``c_attn``: one A [r, C],
+    one B [3C, r]. Such a checkpoint loads as A copied to each projection and B's rows split, and
+    computes what the fused adapter computed."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=500, block_size=32, n_layer=2, n_head=2, n_embd=32, embd_pdrop=0, attn_pdrop=0,
+                      resid_pdrop=0)
+    model = add_lora(GPT(cfg).eval(), LoRAConfig(rank=4, alpha=8, targets=["c_attn", "c_fc"]))
+    assert model.lora_config["targets"] == ["q_proj", "k_proj", "v_proj", "c_fc"]
+    for block in model.transformer.h:
+        shared_a = torch.randn(4, cfg.n_embd) * 0.1          # what a fused adapter amounts to
+        for name in QKV_PROJECTIONS:
+            getattr(block.attn, name).lora_A.data.copy_(shared_a)
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            torch.nn.init.normal_(m.lora_B, std=0.05)
+    save_checkpoint(tmp_path / "ck", model, load_tokenizer("gpt2"))
+    saved_before_the_qkv_split(tmp_path / "ck")
+    adapter = load_file(tmp_path / "ck" / "adapter.safetensors")
+    fused_a, fused_b = adapter["transformer.h.0.attn.c_attn.lora_A"], adapter["transformer.h.0.attn.c_attn.lora_B"]
+    assert fused_b.shape == (3 * cfg.n_embd, 4)
+
+    apart, _, _ = load_model(tmp_path / "ck", merge_adapter=False)
+    attn = apart.transformer.h[0].attn
+    weights = load_file(tmp_path / "ck" / "model.safetensors")
+    x = torch.randn(3, cfg.n_embd)
+    fused_out = F.linear(x, weights["transformer.h.0.attn.c_attn.weight"], weights["transformer.h.0.attn.c_attn.bias"]) \
+        + 2.0 * (x @ fused_a.T) @ fused_b.T                # alpha / rank = 2
+    with torch.no_grad():
+        torch.testing.assert_close(torch.cat(attn.project_qkv(x), dim=-1), fused_out)
+    idx = torch.randint(0, 500, (2, 32))
+    merged, _, _ = load_model(tmp_path / "ck")
+    with torch.no_grad():
+        torch.testing.assert_close(apart(idx)[0], model(idx)[0])
+        torch.testing.assert_close(merged(idx)[0], model(idx)[0], rtol=1e-4, atol=1e-4)
 
 
 def test_lora_finetune_keeps_adapters_apart_and_base_frozen(tiny_checkpoint, tmp_path):
@@ -206,9 +246,7 @@ def test_finetune_resumes_exactly(tiny_checkpoint, tmp_path):
         finetune(ft_config(tiny_checkpoint, data, tmp_path / "split", max_steps=12, eval_interval=4), on_eval=crash_at_8)
     resumed = finetune(ft_config(tiny_checkpoint, data, tmp_path / "split", max_steps=12, eval_interval=4, resume=True))
     assert resumed.metrics == whole.metrics
-    a = load_file(tmp_path / "whole" / "last" / "model.safetensors")
-    b = load_file(tmp_path / "split" / "last" / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_tensors(checkpoint_tensors(tmp_path / "whole" / "last"), checkpoint_tensors(tmp_path / "split" / "last"))
 
 
 def test_finetune_under_torchrun_matches_one_process(tiny_checkpoint, tmp_path):

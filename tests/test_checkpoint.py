@@ -1,11 +1,15 @@
+import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
-from gptstack.checkpoint import CheckpointError, load_model, load_train_state, save_checkpoint, verify
+from gptstack.checkpoint import CheckpointError, load_model, load_train_state, save_checkpoint, verify, with_config
 from gptstack.config import preset
-from gptstack.model import GPT
+from gptstack.files import sha256_file
+from gptstack.model import GPT, QKV_PROJECTIONS
 from gptstack.tokenizer import load_tokenizer
 
 from conftest import run_cli
@@ -72,3 +76,57 @@ def test_cli_reports_corruption_without_traceback(tmp_path):
     proc = run_cli("generate", "--checkpoint", str(tmp_path / "ck"), "--prompt", "hi")
     assert proc.returncode == 2
     assert "config.json is corrupted" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def fused_qkv_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` as gptstack saved it when q, k and v were one projection, ``c_attn``: rows q; k; v,
+    and a LoRA adapter's A (then one for all three) once."""
+    out = {}
+    for key, tensor in state.items():
+        head, _, name = key.rpartition(".")
+        attn, _, projection = head.rpartition(".")
+        if projection not in QKV_PROJECTIONS:
+            out[key] = tensor
+        elif projection == "q_proj":
+            parts = [state[f"{attn}.{p}.{name}"] for p in QKV_PROJECTIONS]
+            if name == "lora_A":
+                assert all(torch.equal(part, parts[0]) for part in parts), "a fused adapter had one A"
+            out[f"{attn}.c_attn.{name}"] = parts[0] if name == "lora_A" else torch.cat(parts)
+    return out
+
+
+def saved_before_the_qkv_split(directory: Path) -> Path:
+    """Rewrite a checkpoint as gptstack wrote it when q, k and v were one projection, ``c_attn``
+    (weights, adapters, adapter targets), with checksums that match."""
+    for name in ("model.safetensors", "adapter.safetensors"):
+        if (directory / name).exists():
+            save_file(fused_qkv_state(load_file(directory / name)), directory / name)
+    config = json.loads((directory / "config.json").read_text())
+    if config.get("adapter"):
+        targets = config["adapter"]["targets"]
+        config["adapter"]["targets"] = ["c_attn"] + [t for t in targets if t not in QKV_PROJECTIONS]
+        (directory / "config.json").write_text(json.dumps(config))
+    sums = {p.name: sha256_file(p) for p in sorted(directory.iterdir()) if p.name != "checksums.json"}
+    (directory / "checksums.json").write_text(json.dumps(sums))
+    return directory
+
+
+def test_checkpoints_saved_before_the_qkv_split_still_load(tmp_path):
+    model, _ = make(tmp_path)
+    saved_before_the_qkv_split(tmp_path / "ck")
+    assert "transformer.h.0.attn.c_attn.weight" in load_file(tmp_path / "ck" / "model.safetensors")
+    loaded, tok, _ = load_model(tmp_path / "ck")
+    assert model.state_dict().keys() == loaded.state_dict().keys()
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    save_checkpoint(tmp_path / "again", loaded, tok)       # the split tensors are tensors of their own
+    # init_from: load_model, then with_config into the run's model config
+    moved = with_config(loaded, dataclasses.replace(loaded.config, resid_pdrop=0.0))
+    assert torch.equal(moved.transformer.h[1].attn.v_proj.bias, model.transformer.h[1].attn.v_proj.bias)
+    # an old checkpoint that lacks a weight is still refused
+    state = load_file(tmp_path / "ck" / "model.safetensors")
+    del state["transformer.h.1.attn.c_attn.bias"]
+    save_file(state, tmp_path / "ck" / "model.safetensors")
+    saved_before_the_qkv_split(tmp_path / "ck")
+    with pytest.raises(CheckpointError, match=r"lacks \['transformer.h.1.attn.k_proj.bias'"):
+        load_model(tmp_path / "ck")

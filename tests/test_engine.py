@@ -1,4 +1,5 @@
 import asyncio
+import dataclasses
 import math
 import time
 
@@ -6,10 +7,15 @@ import pytest
 import torch
 
 from gptstack.checkpoint import load_model
+from gptstack.config import preset
 from gptstack.data.loader import TokenDataset, eval_batches
 from gptstack.inference.engine import Engine, EngineConfig, QueueFull
+from gptstack.inference.fused import FusedQKVAttention, fuse_qkv
 from gptstack.inference.quantize import Int8Linear, quantize_int8
 from gptstack.inference.sampling import SamplingParams, apply_penalties
+from gptstack.lora import LoRAConfig, LoRALinear, add_lora
+from gptstack.model import GPT
+from gptstack.tokenizer import load_tokenizer
 
 
 @pytest.fixture()
@@ -121,6 +127,25 @@ def test_context_shift_keeps_the_newest_half_and_goes_on(tiny_checkpoint):
     assert engine.stats["context_shifts"] == shifts
 
 
+def test_banded_model_decodes_from_its_ring_cache_as_without_a_cache():
+    """The banded layers of a GPT-3-style model keep only their band in the engine's cache, and the
+    memory bound counts it so. Prompts and outputs several bands long, prefill chunks longer than the
+    band, rows at different positions and a reused slot: the tokens of recomputing every step."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(preset("tiny").model, attention="alternating_banded", band_width=4, n_layer=4)
+    model, tok = GPT(cfg).eval(), load_tokenizer("gpt2")
+    slot_bytes = 2 * cfg.n_embd * 4 * (2 * 48 + 2 * 4)     # k and v, fp32: two dense layers of 48, two of 4
+    engine = Engine(model, tok, EngineConfig(max_batch_size=8, max_seq_len=48, prefill_chunk=6,
+                                             kv_cache_memory=2 * slot_bytes))
+    assert engine.slots == 2 and engine.kv_cache_bytes == 2 * slot_bytes
+    dense = GPT(dataclasses.replace(cfg, attention="dense")).eval()
+    assert Engine(dense, tok, EngineConfig(max_seq_len=48, kv_cache_memory=2 * slot_bytes)).slots == 1
+    prompts = [[(7 * i + 3 * j) % 1000 for j in range(n)] for i, n in enumerate((3, 13, 9))]   # 3 requests, 2 slots
+    completions = engine.generate(prompts, SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True))
+    for prompt, completion in zip(prompts, completions):
+        assert completion.token_ids == greedy_with_context_shift(model, prompt, 20, window=48)[0]
+
+
 def test_stream_yields_events_as_they_come_and_frees_the_slot_when_dropped(tiny_checkpoint, engine):
     model, tok, _ = load_model(tiny_checkpoint)
     inline = Engine(model, tok, EngineConfig(max_batch_size=1))
@@ -176,9 +201,25 @@ def test_int8_quantization_keeps_perplexity_within_two_percent(tiny_checkpoint, 
     model, _, _ = load_model(tiny_checkpoint)
     reference = perplexity(model, val)
     quantized = quantize_int8(load_model(tiny_checkpoint)[0])
-    layer = quantized.transformer.h[0].attn.c_attn
+    layer = quantized.transformer.h[0].attn.qkv_proj     # q, k and v quantized as one fused matmul
     assert layer.weight().dtype == torch.qint8 and quantized.lm_head.weight().dtype == torch.qint8
     assert abs(perplexity(quantized, val) / reference - 1) < 0.02
+
+
+def test_engine_fuses_q_k_v_into_one_matmul_with_the_same_logits(tiny_checkpoint):
+    model, tok, _ = load_model(tiny_checkpoint)
+    idx = torch.randint(0, model.config.vocab_size, (2, 20))
+    with torch.no_grad():
+        expected = model(idx)[0]
+    engine = Engine(model, tok)
+    attn = engine.model.transformer.h[0].attn
+    assert isinstance(attn, FusedQKVAttention) and not hasattr(attn, "q_proj")
+    assert attn.qkv_proj.weight.shape == (3 * model.config.n_embd, model.config.n_embd)
+    with torch.no_grad():
+        torch.testing.assert_close(engine.model(idx)[0], expected, rtol=0, atol=1e-5)
+    # adapters kept apart are not plain projections: they stay as they are
+    adapted = add_lora(load_model(tiny_checkpoint)[0], LoRAConfig(rank=2))
+    assert isinstance(fuse_qkv(adapted).transformer.h[0].attn.q_proj, LoRALinear)
 
 
 def test_weight_only_int8_linear_is_close():

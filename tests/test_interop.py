@@ -1,9 +1,10 @@
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from gptstack.checkpoint import CheckpointError, load_model, save_checkpoint
 from gptstack.config import preset
-from gptstack.interop.hf import export_hf, import_hf
+from gptstack.interop.hf import import_hf
 from gptstack.model import GPT
 from gptstack.tokenizer import ASSETS, load_tokenizer
 
@@ -39,14 +40,23 @@ def test_import_from_transformers_with_equal_logits(tmp_path):
     idx = torch.randint(0, 50257, (2, 40))
     with torch.no_grad():
         assert (ours(idx)[0] - theirs(idx).logits).abs().max().item() < 1e-4
+    # and back: q, k, v fused again into the c_attn they were split from, bit for bit
+    run_cli("export", "--checkpoint", str(tmp_path / "ours"), "--format", "hf", "--out", str(tmp_path / "back"),
+            check=True)
+    back, original = load_file(tmp_path / "back" / "model.safetensors"), theirs.state_dict()
+    assert "h.0.attn.c_attn.weight" in back
+    assert all(torch.equal(tensor, original["transformer." + key]) for key, tensor in back.items())
 
 
-def test_banded_models_are_not_exported_silently(tmp_path):
+def test_banded_models_are_refused_with_the_reason_and_what_to_do(tmp_path):
     cfg = preset("tiny").model
     cfg.attention = "alternating_banded"
     save_checkpoint(tmp_path / "ck", GPT(cfg), load_tokenizer("gpt2"))
-    with pytest.raises(CheckpointError, match="no locally banded attention"):
-        export_hf(tmp_path / "ck", tmp_path / "hf")
+    proc = run_cli("export", "--checkpoint", str(tmp_path / "ck"), "--format", "hf", "--out", str(tmp_path / "hf"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "GPT2LMHeadModel has no locally banded attention" in proc.stderr
+    assert "would compute different outputs" in proc.stderr and "gptstack serve" in proc.stderr
+    assert not (tmp_path / "hf").exists()
 
 
 def test_import_rejects_other_architectures(tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "gptstack"
 # The order of docs/architecture.md's module table.
 LAYERS = ["files", "runtime", "config", "tokenizer", "chat", "data", "loss", "model", "heads", "lora", "checkpoint",
-          "train", "inference", "evaluate", "adapt", "tune", "interop", "serve", "cli"]
+          "sharded_checkpoint", "train", "inference", "evaluate", "adapt", "tune", "interop", "serve", "cli"]
 
 
 def imported_layers(path: Path) -> set[str]:

@@ -1,3 +1,4 @@
+import copy
 import dataclasses
 import math
 
@@ -7,7 +8,9 @@ import torch.nn.functional as F
 
 from gptstack.config import preset
 from gptstack.loss import linear_cross_entropy
-from gptstack.model import GPT, KVCache, attention_mask
+from gptstack.model import GPT, KVCache, QKV_PROJECTIONS, attention_mask
+
+from test_checkpoint import fused_qkv_state
 
 
 def tiny(**changes):
@@ -26,6 +29,52 @@ def test_kv_cache_decode_equals_full_forward(attention):
     for t in range(11, 30):
         pieces.append(model(idx[:, t:t + 1], cache=cache, positions=torch.full((3, 1), t))[0])
     assert torch.allclose(torch.cat(pieces, 1), full, atol=1e-5)
+
+
+def no_cache_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids[None])[0][0]
+
+
+def test_banded_ring_cache_decodes_as_the_full_forward():
+    """Banded layers keep only their band, as a ring. Rows at different positions, prefill chunks
+    longer than the band and a reused slot all give the no-cache forward's logits (fp32, atol 1e-5)."""
+    torch.manual_seed(0)
+    cfg = tiny(attention="alternating_banded", band_width=5, n_layer=4)
+    model = GPT(cfg).eval()
+    cache = KVCache.allocate(cfg, 3)
+    assert [k.shape[2] for k in cache.k] == [64, 5, 64, 5]
+    seqs = [torch.randint(0, cfg.vocab_size, (n,)) for n in (40, 31, 23)]   # 4.6 to 8 bands long
+    refs = [no_cache_logits(model, s) for s in seqs]
+    prefill = [12, 3, 7]                   # slot i holds seqs[i][:prefill[i]]; 12 is over two bands
+    with torch.no_grad():
+        for slot, (s, n) in enumerate(zip(seqs, prefill)):
+            logits, _ = model(s[None, :n], cache=cache.select([slot]), positions=torch.arange(n)[None])
+            torch.testing.assert_close(logits[0], refs[slot][:n], rtol=0, atol=1e-5)
+        # one decode batch with every row at its own position; rows in another order than slots
+        order = [2, 0, 1]
+        while any(prefill[i] < len(seqs[i]) for i in order):
+            rows = [i for i in order if prefill[i] < len(seqs[i])]
+            idx = torch.stack([seqs[i][prefill[i]:prefill[i] + 1] for i in rows])
+            positions = torch.tensor([[prefill[i]] for i in rows])
+            logits, _ = model(idx, cache=cache.select(rows), positions=positions)
+            for row, i in enumerate(rows):
+                torch.testing.assert_close(logits[row, 0], refs[i][prefill[i]], rtol=0, atol=1e-5)
+                prefill[i] += 1
+        # slot 0 reused by a shorter sequence, prefilled in two chunks (the second longer than the band)
+        reuse = torch.randint(0, cfg.vocab_size, (17,))
+        model(reuse[None, :4], cache=cache.select([0]), positions=torch.arange(4)[None])
+        logits, _ = model(reuse[None, 4:], cache=cache.select([0]), positions=torch.arange(4, 17)[None])
+    torch.testing.assert_close(logits[0], no_cache_logits(model, reuse)[4:], rtol=0, atol=1e-5)
+
+
+def test_banded_layers_cache_only_their_band():
+    dense, banded = tiny(n_layer=4), tiny(n_layer=4, attention="alternating_banded", band_width=8)
+    per_position = 2 * banded.n_embd * 4       # keys and values, fp32
+    assert KVCache.allocate(dense, 3).nbytes == 3 * per_position * 4 * 64
+    assert KVCache.allocate(banded, 3).nbytes == 3 * per_position * (2 * 64 + 2 * 8)
+    assert KVCache.slot_bytes(banded, 64, torch.float32) * 3 == KVCache.allocate(banded, 3).nbytes
+    assert KVCache.allocate(banded, 2, max_len=6).nbytes == 2 * per_position * 4 * 6   # a band longer than the cache
 
 
 def test_rows_at_different_positions_share_one_cache():
@@ -93,6 +142,48 @@ def test_banded_layer_sees_only_its_window():
     y, y_moved = attn(x, None, None), attn(moved, None, None)
     assert torch.allclose(y[0, 8:], y_moved[0, 8:], atol=1e-6)
     assert not torch.allclose(y[0, 5:8], y_moved[0, 5:8])
+
+
+def test_attention_runs_on_a_shard_of_its_heads():
+    """Tensor parallelism gives each rank some heads' rows of q, k, v and the matching columns of
+    c_proj; the ranks' outputs add up to the whole layer's (c_proj's bias on one rank only)."""
+    torch.manual_seed(0)
+    cfg = tiny(attention="alternating_banded", band_width=4)
+    full = GPT(cfg).eval().transformer.h[1].attn
+    x = torch.randn(2, 10, cfg.n_embd)
+    width = cfg.n_embd // 2                    # two ranks, n_head / 2 heads each
+    total = 0
+    for rank in range(2):
+        shard = copy.deepcopy(full)
+        rows = slice(rank * width, (rank + 1) * width)
+        for name in QKV_PROJECTIONS:
+            part = getattr(full, name)
+            setattr(shard, name, torch.nn.Linear(cfg.n_embd, width))
+            getattr(shard, name).load_state_dict({"weight": part.weight[rows], "bias": part.bias[rows]})
+        shard.c_proj = torch.nn.Linear(width, cfg.n_embd)
+        shard.c_proj.load_state_dict({"weight": full.c_proj.weight[:, rows], "bias": full.c_proj.bias * (rank == 0)})
+        with torch.no_grad():
+            total = total + shard(x, None, None)
+    with torch.no_grad():
+        torch.testing.assert_close(total, full(x, None, None), rtol=0, atol=1e-6)
+
+
+def test_q_k_v_have_projections_of_their_own_and_fused_weights_still_load():
+    torch.manual_seed(0)
+    cfg = preset("cpu-small").model
+    model = GPT(cfg).eval()
+    attn = model.transformer.h[0].attn
+    assert not hasattr(attn, "c_attn")
+    for name in QKV_PROJECTIONS:
+        proj = getattr(attn, name)
+        assert proj.weight.shape == (cfg.n_embd, cfg.n_embd) and proj.bias.abs().sum().item() == 0
+        assert proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    fresh = GPT(cfg).eval()
+    fresh.load_state_dict(fused_qkv_state(model.state_dict()))      # strict: nothing missing or unexpected
+    idx = torch.randint(0, cfg.vocab_size, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(fresh(idx)[0], model(idx)[0])
+    assert fresh.transformer.h[0].attn.q_proj.weight.data_ptr() != fresh.transformer.h[0].attn.k_proj.weight.data_ptr()
 
 
 def test_gpt2_initialisation_and_tied_head():

@@ -12,10 +12,12 @@ import time
 import optuna
 import pytest
 import yaml
+from sqlalchemy.engine import make_url
 
-from conftest import run_cli
+from conftest import free_port, run_cli
 from gptstack.config import ConfigError
-from gptstack.tune import Param, grid, load_spec
+from gptstack.tune import (Param, TuneConfig, _engine_kwargs, _finished, _objective, _surplus, _trial_seed, grid,
+                           load_spec, tune)
 
 
 def tiny_space(data, **changes) -> dict:
@@ -35,6 +37,11 @@ def tiny_space(data, **changes) -> dict:
 def write(path, space) -> str:
     path.write_text(yaml.safe_dump(space))
     return str(path)
+
+
+def counted(study) -> list:
+    """The study's trials less the surplus ones a worker ended before training (see tune._surplus)."""
+    return [t for t in study.get_trials() if not t.user_attrs.get("surplus")]
 
 
 @pytest.mark.parametrize("space_change, message", [
@@ -95,7 +102,7 @@ def test_study_killed_mid_trial_resumes_and_its_best_config_trains(shakespeare, 
                       "--grace-period", "3", check=True)
     study = optuna.load_study(study_name="study", storage=f"sqlite:///{out / 'study.db'}")
     by_state = {}
-    for t in study.get_trials():
+    for t in counted(study):
         by_state.setdefault(t.state.name, []).append(t)
     finished = by_state.get("COMPLETE", []) + by_state.get("PRUNED", [])
     assert len(finished) == 8
@@ -142,10 +149,40 @@ def test_two_worker_processes_share_one_study(shakespeare, tmp_path):
     out = tmp_path / "study"
     run_cli("tune", "--space", space, "--out", str(out), "--n-jobs", "2", "--quiet", check=True)
     study = optuna.load_study(study_name="study", storage=f"sqlite:///{out / 'study.db'}")
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert 4 <= len(complete) <= 5            # each worker stops once the study has 4 finished trials
-    assert len({t.params["learning_rate"] for t in complete}) == len(complete)   # the workers drew different points
-    assert len(list((out / "trials").iterdir())) == len(study.trials)
+    trials = counted(study)
+    assert len(trials) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    assert len({t.params["learning_rate"] for t in trials}) == 4                 # the workers drew different points
+    assert sorted(d.name for d in (out / "trials").iterdir()) == [f"trial_{t.number:04d}" for t in trials]
+
+
+def test_a_trial_the_study_does_not_need_is_surplus():
+    study = optuna.create_study()
+    for _ in range(3):
+        study.tell(study.ask(), 1.0)
+    elsewhere = study.ask()                        # trial 3 runs on another machine as a worker joins
+    assert not _surplus(study, elsewhere.number, 4)
+    study.optimize(_objective(None, None, {}, target=4), n_trials=1)     # no spec: it ends before training
+    late = study.trials[-1]
+    assert late.state == optuna.trial.TrialState.PRUNED and late.user_attrs == {"surplus": True}
+    study.tell(elsewhere, 2.0)
+    assert _finished(study) == 4                   # the surplus trial is not one of them
+
+    study = optuna.create_study()
+    first, second = study.ask(), study.ask()       # two workers ask at once for the one trial left
+    assert not _surplus(study, first.number, 1) and _surplus(study, second.number, 1)
+
+
+def test_each_trial_has_its_own_reproducible_seed():
+    assert _trial_seed(3, 1) != _trial_seed(4, 0) and _trial_seed(3, 1) == _trial_seed(3, 1)
+    assert len({_trial_seed(seed, number) for seed in range(20) for number in range(50)}) == 1000
+
+
+@pytest.mark.parametrize("url, timeout", [("postgresql://me@db/optuna", 10), ("postgresql+psycopg2://me@db/optuna", 10),
+                                          ("postgresql://me@db/optuna?connect_timeout=3", None),
+                                          ("postgresql+pg8000://me@db/optuna", None),
+                                          ("postgresql+asyncpg://me@db/optuna", None)])
+def test_only_libpq_drivers_get_a_connect_timeout(url, timeout):
+    assert _engine_kwargs(make_url(url)).get("connect_args", {}).get("connect_timeout") == timeout
 
 
 def test_a_study_grows_with_more_trials_but_not_with_another_space(shakespeare, tmp_path):
@@ -161,11 +198,29 @@ def test_a_study_grows_with_more_trials_but_not_with_another_space(shakespeare, 
     assert proc.returncode == 2 and "another search space" in proc.stderr
 
 
-def test_a_storage_that_cannot_be_opened_is_a_clear_error(shakespeare, tmp_path):
+@pytest.mark.parametrize("storage, message", [
+    ("study.db", "'study.db' is not a database URL; give one like sqlite:///"),
+    ("notadb://nowhere", "unknown kind of database 'notadb'"),
+    ("postgres://me@db/optuna", "SQLAlchemy spells PostgreSQL postgresql://"),
+    ("postgresql://me:secret@db/optuna", "needs the database driver 'psycopg', which is not installed: "
+                                         "pip install 'gptstack[postgres]'"),
+])
+def test_a_storage_url_that_cannot_work_says_how_to_fix_it(shakespeare, tmp_path, monkeypatch, storage, message):
+    monkeypatch.setitem(sys.modules, "psycopg", None)      # as on a machine without the postgres extra
+    with pytest.raises(ConfigError) as info:
+        tune(TuneConfig(space=write(tmp_path / "space.yaml", tiny_space(shakespeare)), out_dir=str(tmp_path / "s"),
+                        storage=storage))
+    assert message in str(info.value) and "secret" not in str(info.value)
+
+
+def test_an_unreachable_database_server_is_a_clear_error(shakespeare, tmp_path):
+    pytest.importorskip("psycopg", reason="the PostgreSQL driver is not installed: pip install -e '.[test]'")
     space = write(tmp_path / "space.yaml", tiny_space(shakespeare))
-    proc = run_cli("tune", "--space", space, "--out", str(tmp_path / "s"), "--storage", "notadb://nowhere", "--quiet")
-    assert proc.returncode == 2 and "cannot open the study storage 'notadb://nowhere'" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    storage = f"postgresql://me@127.0.0.1:{free_port()}/optuna"          # nothing listens there
+    proc = run_cli("tune", "--space", space, "--out", str(tmp_path / "s"), "--storage", storage, "--quiet")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"cannot connect to the study database '{storage}'" in proc.stderr and "Connection refused" in proc.stderr
+    assert "Check that the server is running" in proc.stderr
 
 
 def test_grid_lists_every_step_of_a_range():

@@ -22,6 +22,8 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -75,14 +77,22 @@ def save_checkpoint(directory: str | Path, model: GPT | SequenceClassifier, toke
         (tmp / "checksums.json").write_text(json.dumps(checksums, indent=2))
         for p in tmp.iterdir():
             fsync_path(p)
-        _replace_dir(tmp, directory)
+        replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
 
 
-def _replace_dir(new: Path, target: Path) -> None:
+def recover_interrupted_save(target: Path) -> None:
+    """Put back the previous checkpoint if a save was killed between moving it aside and renaming
+    the new one into place (see replace_dir), so a resume finds it."""
+    old = target.with_name(f".{target.name}.old")
+    if not target.exists() and old.is_dir():
+        os.replace(old, target)
+
+
+def replace_dir(new: Path, target: Path) -> None:
     old = target.with_name(f".{target.name}.old")
     if old.exists():
         shutil.rmtree(old)
@@ -144,21 +154,24 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu",
         model_cfg = from_dict(ModelConfig, config["model"]).validate()
     except ConfigError as exc:
         raise CheckpointError(f"{directory}/config.json has an invalid model config: {exc}") from None
+    if config.get("sharded"):   # written by training (sharded_checkpoint.py)
+        model, tokenizer = load_sharded_model(directory, config)
+        return model.to(device=device, dtype=dtype).eval(), tokenizer, config
     with torch.device("meta"):
         model = GPT(model_cfg)
-    state = load_weights(directory)
-    own = {k for k in model.state_dict() if k not in TIED_KEYS}
-    missing = own - set(state)
+    # Loading maps names the model has outgrown (see model.split_fused_qkv), so check what it left
+    # missing rather than the file's names; other keys (a classifier's head) are not the backbone's.
+    missing, _ = model.load_state_dict(load_weights(directory), strict=False, assign=True)
+    missing = [k for k in missing if k not in TIED_KEYS]
     if missing:
         raise CheckpointError(f"{directory}/model.safetensors lacks {sorted(missing)[:5]}...; it does not match its config")
-    model.load_state_dict({k: state[k] for k in own}, strict=False, assign=True)
     model.lm_head.weight = model.transformer.wte.weight
     if config.get("adapter"):
         add_lora(model, LoRAConfig(**config["adapter"]))
-        adapter = load_weights(directory, "adapter.safetensors")
-        if set(adapter) != {k for k in model.state_dict() if is_lora_key(k)}:
+        missing, unexpected = model.load_state_dict(load_weights(directory, "adapter.safetensors"), strict=False,
+                                                    assign=True)
+        if unexpected or any(is_lora_key(k) for k in missing):
             raise CheckpointError(f"{directory}/adapter.safetensors does not match the adapter in its config.json")
-        model.load_state_dict(adapter, strict=False, assign=True)
     model.to(device=device, dtype=dtype)
     if config.get("adapter") and merge_adapter:
         merge_lora(model)
@@ -242,3 +255,34 @@ def join_tensors(tensors: dict[str, torch.Tensor], skeleton: Any) -> Any:
         if "__list__" in skeleton:
             return [join_tensors(tensors, v) for v in skeleton["__list__"]]
     return skeleton
+
+
+def is_sharded(directory: str | Path) -> bool:
+    return (Path(directory) / ".metadata").exists()
+
+
+@contextmanager
+def quietly_in_one_process():
+    """Distributed Checkpoint used by one process, which warns that it assumes so: that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def load_sharded_model(directory: str | Path, config: dict) -> tuple[GPT, Tokenizer]:
+    """The whole model of a sharded checkpoint (see sharded_checkpoint.py) in this one process
+    (``config`` is its verified config.json)."""
+    import torch.distributed.checkpoint as dcp
+    model_cfg = from_dict(ModelConfig, config["model"]).validate()
+    with torch.device("meta"):
+        model = GPT(model_cfg)
+    model.to_empty(device="cpu")
+    model.lm_head.weight = model.transformer.wte.weight
+    state = {"model": model.state_dict()}   # views of the model's own tensors: DCP fills them in place
+    try:
+        with quietly_in_one_process():
+            dcp.load(state, checkpoint_id=Path(directory), no_dist=True)
+    except Exception as exc:
+        raise CheckpointError(f"{directory} does not hold a {model_cfg.n_layer}-layer GPT as its config says: "
+                              f"{str(exc).splitlines()[0]}") from None
+    return model, load_tokenizer(config["tokenizer"], base_dir=directory)

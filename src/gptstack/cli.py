@@ -7,9 +7,11 @@ import dataclasses
 import inspect
 import io
 import json
+import os
 import re
 import sys
 import textwrap
+import time
 import tokenize
 import typing
 
@@ -139,18 +141,19 @@ def cmd_model_info(args) -> None:
     if chosen.batch_tokens:
         print(f"  trained in the paper with batch {chosen.batch_tokens:,} tokens, learning rate {chosen.learning_rate:g} "
               f"({chosen.note})")
-    print(f"  KV cache per token: bf16 {info['kv_cache_bytes_per_token']['bf16'] / 1024:,.1f} KiB; "
+    print(f"  KV cache per token: bf16 {info['kv_cache_bytes_per_token']['bf16'] / 1024:,.1f} KiB (banded layers stop at their band); "
           f"full context: bf16 {info['kv_cache_bytes_full_context']['bf16'] / gib:,.3f} GiB per sequence")
 
 
 def cmd_prepare(args) -> None:
     from .data.prepare import prepare
+    started = time.perf_counter()
     manifest = prepare(args.inputs, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
                        seed=args.seed, shard_tokens=args.shard_tokens, encoding=args.encoding,
-                       text_field=args.text_field, progress=not args.quiet)
+                       text_field=args.text_field, workers=args.workers, progress=not args.quiet)
     splits = manifest["splits"]
     print(f"wrote {args.out}: {splits['train']['tokens']:,} train and {splits['val']['tokens']:,} val tokens "
-          f"from {manifest['documents']} document(s) in {manifest['seconds']:.1f}s")
+          f"from {manifest['documents']} document(s) in {time.perf_counter() - started:.1f}s")
 
 
 def cmd_train(args, extra: list[str]) -> None:
@@ -166,9 +169,12 @@ def cmd_finetune(args, extra: list[str]) -> None:
 
 
 def print_result(result) -> None:
+    if os.environ.get("RANK", "0") != "0":   # under torchrun the first process speaks for all
+        return
     scores = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if k != "step")
     at = f" (best at step {result.metrics['step']})" if "step" in result.metrics else ""
-    print(f"done: {result.steps} steps, final train loss {result.final_loss:.4f}; validation: {scores or 'n/a'}{at}; "
+    loss = "n/a (no steps left to train)" if result.final_loss is None else f"{result.final_loss:.4f}"
+    print(f"done: {result.steps} steps, final train loss {loss}; validation: {scores or 'n/a'}{at}; "
           f"checkpoints in {result.out_dir}/best and {result.out_dir}/last")
 
 
@@ -181,6 +187,22 @@ def cmd_plan(args) -> None:
         print(json.dumps({**result, "layouts": rows}))
     else:
         print(format_plan(result, cfg))
+    if args.on_meta:
+        print_meta_count(cfg, result["layouts"][0])
+
+
+def print_meta_count(cfg, row: dict) -> None:
+    """The plan's first layout checked against the real modules, built on the meta device."""
+    from .config import preset
+    from .train.parallel import parameters_on_meta
+    from .train.plan import GB, STATE_BYTES_PER_PARAM
+    layout = row["layout"]
+    count = parameters_on_meta(preset(cfg.preset).model, layout.tp, layout.pp)
+    states = count * STATE_BYTES_PER_PARAM / (layout.dp if layout.fsdp else 1)
+    print(f"\n{cfg.preset} built on the meta device (no memory allocated) at {layout}, with gptstack's own "
+          "pipeline split and tensor-parallel plan:")
+    print(f"per process, counted on the meta device: {count / 1e9:,.3f}B parameters, {states / GB:,.1f} GB of model states "
+          f"(the plan's arithmetic: {row['parameters'] / 1e9:,.3f}B)")
 
 
 def add_plan_flags(p: argparse.ArgumentParser) -> None:
@@ -189,6 +211,8 @@ def add_plan_flags(p: argparse.ArgumentParser) -> None:
     add_dataclass_flags(p, PlanConfig, {"preset": {"positional": True, "choices": list(PRESETS),
                                                    "help": "a preset (see model-info), e.g. gpt3-175b"}})
     p.add_argument("--json", action="store_true", help="one machine-readable JSON line")
+    p.add_argument("--on-meta", action="store_true",
+                   help="also build the model on the meta device at the first layout and count what each process holds")
 
 
 def cmd_eval(args) -> None:
@@ -347,6 +371,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("model-info", help="parameters, FLOPs and memory of a preset, without allocating it")
     p.add_argument("preset")
     p.add_argument("--json", action="store_true", help="one machine-readable JSON line")
+    p.add_argument("--on-meta", action="store_true",
+                   help="also build the model on the meta device at the first layout and count what each process holds")
 
     add_command("plan", "memory per device, layouts that fit and days of training of a preset on a cluster",
                 add_plan_flags)
@@ -360,6 +386,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--shard-tokens", type=int, default=100_000_000)
     p.add_argument("--encoding", default="utf-8")
     p.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    p.add_argument("--workers", type=int, help="tokenizing processes (default: all cores); the output does not depend on it")
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("train", help="pretrain a GPT; any config key can be overridden as --key value")

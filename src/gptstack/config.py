@@ -24,6 +24,7 @@ class ConfigError(ValueError):
 
 ATTENTION_KINDS = ("dense", "alternating_banded")
 ACTIVATIONS = ("gelu", "gelu_exact")
+PIPELINE_SCHEDULES = ("1f1b", "gpipe")
 
 
 @dataclass
@@ -175,6 +176,16 @@ class TrainConfig:
     activation_checkpointing: bool = False
     seed: int = 1337
 
+    # parallelism under torchrun (docs/distributed.md): processes = data x tensor_parallel x pipeline_parallel.
+    # Data parallelism is DDP (every process holds the whole model), or with fsdp FSDP2 (parameters,
+    # gradients and optimizer state sharded over the data-parallel processes; required when data
+    # parallelism is combined with tensor or pipeline parallelism).
+    fsdp: bool = False
+    tensor_parallel: int = 1            # Megatron-style split of attention heads and MLP columns (DTensor)
+    pipeline_parallel: int = 1          # consecutive layers per stage; micro-batches = grad_accum_steps
+    pipeline_schedule: str = "1f1b"     # "1f1b" | "gpipe"
+    cpu_offload: bool = False           # FSDP2: parameters, gradients and optimizer state in host memory (CUDA)
+
     # bookkeeping
     eval_interval: int = 200
     eval_iters: int = 20
@@ -236,6 +247,21 @@ class TrainConfig:
         require(self.dtype in ("auto", "fp32", "bf16", "fp16"),
                  f"dtype must be 'auto', 'fp32', 'bf16' or 'fp16', got {self.dtype!r}")
         require(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
+        for name in ("tensor_parallel", "pipeline_parallel"):
+            require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        require(self.pipeline_schedule in PIPELINE_SCHEDULES,
+                f"pipeline_schedule must be one of {PIPELINE_SCHEDULES}, got {self.pipeline_schedule!r}")
+        require(not self.cpu_offload or self.fsdp, "cpu_offload is an FSDP2 option: set fsdp: true as well")
+        model = self.model_config()
+        require(model.n_head % self.tensor_parallel == 0,
+                f"tensor_parallel {self.tensor_parallel} must divide model.n_head {model.n_head} (each process takes whole heads)")
+        require(self.pipeline_parallel <= model.n_layer,
+                f"pipeline_parallel {self.pipeline_parallel} exceeds model.n_layer {model.n_layer}: a stage needs a layer")
+        fewest_micro_batches = min(self.grad_accum_steps, self.batch_rampup_start) if self.batch_rampup_steps else self.grad_accum_steps
+        require(fewest_micro_batches >= self.pipeline_parallel,
+                f"pipeline_parallel {self.pipeline_parallel} needs at least as many micro-batches per step to fill "
+                f"the pipeline: raise grad_accum_steps (now {self.grad_accum_steps}"
+                + (f", and batch_rampup_start, now {self.batch_rampup_start})" if self.batch_rampup_steps else ")"))
         return self
 
 
@@ -385,7 +411,8 @@ def model_info(cfg: ModelConfig) -> dict[str, Any]:
     fwd_matmul = 2 * (params["non_embedding"] + cfg.vocab_size * d)  # LM head counts as a matmul
     fwd_attention = 2 * 2 * d * attended
     fwd = fwd_matmul + fwd_attention
-    kv_bytes_per_token = {dt: 2 * L * d * b for dt, b in (("fp32", 4), ("bf16", 2), ("int8", 1))}
+    kv_bytes_per_token = {dt: 2 * L * d * b for dt, b in (("fp32", 4), ("bf16", 2), ("int8", 1))}   # while dense
+    kept_positions = sum(min(T, cfg.band_width) if cfg.layer_is_banded(i) else T for i in range(L))
     return {
         "parameters": params["total"],
         "non_embedding_parameters": params["non_embedding"],
@@ -398,5 +425,6 @@ def model_info(cfg: ModelConfig) -> dict[str, Any]:
         "adamw_state_bytes": 8 * params["total"],
         "grad_bytes_fp32": 4 * params["total"],
         "kv_cache_bytes_per_token": kv_bytes_per_token,
-        "kv_cache_bytes_full_context": {k: v * T for k, v in kv_bytes_per_token.items()},
+        # a locally banded layer keeps only its band of positions (a ring; see model.KVCache)
+        "kv_cache_bytes_full_context": {k: v // L * kept_positions for k, v in kv_bytes_per_token.items()},
     }

@@ -5,8 +5,8 @@ frozen, ``A`` [r, in] initialised like a linear layer and ``B`` [out, r] at zero
 starts from exactly the base model. ``merge_lora`` folds ``(alpha / r) B A`` into ``W`` and puts
 plain ``nn.Linear`` layers back: a merged model is an ordinary GPT, as fast as the base.
 
-The wrapper keeps the base layer's parameter names (``...c_attn.weight``) and adds
-``...c_attn.lora_A`` / ``lora_B``, so base weights load into a wrapped model unchanged and adapter
+The wrapper keeps the base layer's parameter names (``...q_proj.weight``) and adds
+``...q_proj.lora_A`` / ``lora_B``, so base weights load into a wrapped model unchanged and adapter
 weights can be saved on their own. Written here rather than taken from PEFT: PEFT would add
 transformers and accelerate as run-time dependencies and its own save format, for what is fifty
 lines on a model whose projections are plain ``nn.Linear`` layers.
@@ -15,14 +15,18 @@ lines on a model whose projections are plain ``nn.Linear`` layers.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# The GPT's projections by their module names: attention in/out, MLP up/down.
-LORA_TARGETS = ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj")
+from .model import QKV_PROJECTIONS
+
+# The GPT's projections by their module names: attention in (q, k, v) and out, MLP up and down.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "attn.c_proj", "c_fc", "mlp.c_proj")
+# c_attn, one projection for q, k and v until they were split, still names the three (model.split_fused_qkv).
+LORA_ALIASES = {"c_attn": QKV_PROJECTIONS}
 
 
 @dataclass
@@ -41,11 +45,15 @@ class LoRAConfig:
             raise ValueError(f"lora rank must be >= 1, got {self.rank}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"lora dropout must be in [0, 1), got {self.dropout}")
-        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        unknown = [t for t in self.targets if t not in LORA_TARGETS and t not in LORA_ALIASES]
         if unknown or not self.targets:
             raise ValueError(f"lora targets {unknown or '[]'} are not projections of this model; "
-                             f"choose from {list(LORA_TARGETS)}")
+                             f"choose from {list(LORA_TARGETS)} (c_attn: q_proj, k_proj and v_proj)")
         return self
+
+    def projections(self) -> list[str]:
+        """The targets with aliases resolved, each once."""
+        return list(dict.fromkeys(name for t in self.targets for name in LORA_ALIASES.get(t, (t,))))
 
 
 class LoRALinear(nn.Linear):
@@ -94,13 +102,13 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def add_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     """Wrap the targeted projections of ``model`` in place and freeze everything else;
-    ``model.lora_config`` records the adapter's shape for checkpoints."""
+    ``model.lora_config`` records the adapter's shape for checkpoints, targets by their current names."""
     cfg.validate()
     for p in model.parameters():
         p.requires_grad_(False)
-    for name, module in list(_targeted(model, cfg.targets)):
+    for name, module in list(_targeted(model, cfg.projections())):
         _replace(model, name, LoRALinear(module, cfg))
-    model.lora_config = asdict(cfg)
+    model.lora_config = asdict(replace(cfg, targets=cfg.projections()))
     return model
 
 

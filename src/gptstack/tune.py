@@ -19,11 +19,13 @@ non-positive bound, and values the config itself rejects are errors that say wha
 
 Each trial trains in ``OUT/trials/trial_NNNN`` and reports its validation results to Optuna at
 every evaluation, so the pruner can stop it early. The study lives in a database (SQLite file
-``OUT/study.db`` by default, or any URL Optuna accepts, for workers on several machines); trials
-send heartbeats, so after a crash or kill the next run marks the dead trial failed and retries its
-parameters, then goes on until ``n_trials`` trials have finished. At the end the best trial's full
-config is written as ``OUT/best_config.yaml``, ready for ``gptstack train --config``, with a summary
-table and plots of the optimization history and parameter importance.
+``OUT/study.db`` by default, or a server that workers on several machines share, given as a URL:
+``postgresql://user@host/dbname``); trials send heartbeats, so after a crash or kill the next run
+marks the dead trial failed and retries its parameters, then goes on until ``n_trials`` trials have
+finished. Workers asking at once never train one too many: the extra trial ends before it starts, pruned
+and marked ``surplus``, and is left out of the results. At the end the best trial's full config is
+written as ``OUT/best_config.yaml``, ready for ``gptstack train --config``, with a summary table and
+plots of the optimization history and parameter importance.
 """
 
 from __future__ import annotations
@@ -35,17 +37,19 @@ import math
 import multiprocessing
 import os
 import shutil
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, Callable, get_args
 
 import optuna
+import sqlalchemy
 import torch
 import yaml
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
+from sqlalchemy.engine import URL, make_url
 
 from .adapt.finetune import TASK_METRICS, FinetuneConfig, finetune
 from .config import (ConfigError, ModelConfig, TrainConfig, build_train_config, field_hint, load_config_file,
@@ -61,6 +65,7 @@ OBJECTIVES = {"train": TrainConfig().available_metrics(), **TASK_METRICS}
 SPEC_KEYS = {"command", "base_config", "fixed", "objective", "direction", "sampler", "pruner", "n_trials",
              "seed", "space", "pruner_startup_trials", "pruner_warmup_steps"}
 PARAM_KEYS = {"low", "high", "log", "step", "values"}
+EXAMPLE_URLS = "sqlite:///path/to/study.db or postgresql://user@host:5432/dbname"
 
 
 @dataclass
@@ -247,7 +252,7 @@ def suggest(trial, p: Param):
 class TuneConfig:
     space: str = ""                    # the YAML search-space file
     out_dir: str = "runs/tune"
-    storage: str = ""                  # "" = sqlite:///OUT/study.db; any SQLAlchemy URL Optuna accepts
+    storage: str = ""                  # "" = sqlite:///OUT/study.db; for several machines postgresql://user@host/db
     study_name: str = ""               # "" = the out_dir's folder name
     n_trials: int = 0                  # 0 = the space file's n_trials
     n_jobs: int = 1                    # worker processes on this machine (the cores are split between them)
@@ -273,6 +278,14 @@ class TuneConfig:
         return self.storage or f"sqlite:///{Path(self.out_dir).resolve() / 'study.db'}"
 
     @property
+    def storage_shown(self) -> str:
+        """The storage URL for messages and study.json: without its password."""
+        try:
+            return make_url(self.storage_url).render_as_string(hide_password=True)
+        except sqlalchemy.exc.ArgumentError:
+            return self.storage_url
+
+    @property
     def name(self) -> str:
         return self.study_name or Path(self.out_dir).resolve().name
 
@@ -286,27 +299,120 @@ class TuneResult:
     trials: list[dict] = field(default_factory=list)
 
 
-def _storage(cfg: TuneConfig):
+def _storage(cfg: TuneConfig) -> RDBStorage:
+    """The study's database; a URL that is not one, or names a database this machine cannot reach, is a
+    ConfigError saying what to fix."""
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)   # heartbeats
-    url = cfg.storage_url
-    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    shown = cfg.storage_shown
     try:
-        return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=cfg.heartbeat_interval,
-                          grace_period=cfg.grace_period,
-                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
-    except (optuna.exceptions.OptunaError, ValueError, ImportError) as exc:
-        raise ConfigError(f"cannot open the study storage {url!r}: {exc}") from None
-    except Exception as exc:   # SQLAlchemy's own errors: a bad URL, an unreachable server, no driver
-        raise ConfigError(f"cannot open the study storage {url!r}: {type(exc).__name__}: {exc}") from None
+        url = make_url(cfg.storage_url)
+    except sqlalchemy.exc.ArgumentError:
+        raise ConfigError(f"--storage {shown!r} is not a database URL; give one like {EXAMPLE_URLS}") from None
+    engine_kwargs = _engine_kwargs(url)
+    _connect_once(url, engine_kwargs, shown)
+    for attempt in range(3):
+        try:
+            return RDBStorage(cfg.storage_url, engine_kwargs=engine_kwargs, heartbeat_interval=cfg.heartbeat_interval,
+                              grace_period=cfg.grace_period, heartbeat_stale_trial_callback=_retry_dead_trial)
+        except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
+            if attempt == 2 or not _lost_table_race(exc):
+                raise ConfigError(f"cannot set up the study tables in {shown!r}: {_reason(exc)}") from None
+            time.sleep(1 + attempt)
+        except RuntimeError as exc:   # tables written by an incompatible Optuna version
+            raise ConfigError(f"cannot use the study storage {shown!r}: {exc}") from None
 
 
-def _sampler(spec: StudySpec, worker: int):
-    seed = spec.seed + worker     # workers draw different points
-    if spec.sampler == "grid":
-        return optuna.samplers.GridSampler(grid(spec.params), seed=seed)
+def _lost_table_race(exc: Exception) -> bool:
+    """Workers starting at once on an empty database race to create Optuna's tables (optuna#1092): the
+    losers get a duplicate key or "already exists", and find the tables there when they try again. Any
+    other error (no permission, a full disk) would only come back, so it is not retried."""
+    error = exc.__cause__ if isinstance(exc, optuna.exceptions.StorageInternalError) else exc
+    return isinstance(error, sqlalchemy.exc.IntegrityError) or "already exists" in str(error)
+
+
+def _engine_kwargs(url: URL) -> dict:
+    """SQLite waits for a busy file rather than failing. A server connection is checked before each use
+    (one left idle through a long trial may have been dropped), and PostgreSQL through libpq (psycopg,
+    psycopg2) gives up connecting after 10 s instead of the system's minutes; other drivers reject
+    connect_timeout."""
+    if url.get_backend_name() == "sqlite":
+        return {"connect_args": {"timeout": 60}}
+    if (url.get_backend_name() == "postgresql" and url.get_driver_name() in ("psycopg", "psycopg2")
+            and "connect_timeout" not in url.query):
+        return {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
+    return {"pool_pre_ping": True}
+
+
+def _connect_once(url: URL, engine_kwargs: dict, shown: str) -> None:
+    """Connect before Optuna does, so an unknown kind of database, a missing driver or a server out of
+    reach is an error naming the fix, not a traceback from inside SQLAlchemy."""
+    try:
+        engine = sqlalchemy.create_engine(url, **engine_kwargs)
+    except sqlalchemy.exc.NoSuchModuleError:
+        hint = " (SQLAlchemy spells PostgreSQL postgresql://)" if url.drivername.split("+")[0] == "postgres" else ""
+        raise ConfigError(f"--storage {shown!r}: unknown kind of database {url.drivername!r}{hint}; "
+                          f"give a URL like {EXAMPLE_URLS}") from None
+    except ImportError as exc:
+        missing = exc.name or str(exc)
+        fix = ("pip install 'gptstack[postgres]'" if url.drivername in ("postgresql", "postgresql+psycopg")
+               else f"install the package that provides the Python module {missing!r}")
+        raise ConfigError(f"--storage {shown!r} needs the database driver {missing!r}, which is not installed: "
+                          f"{fix}") from None
+    try:
+        with engine.connect():
+            pass
+    except sqlalchemy.exc.DBAPIError as exc:
+        check = ("that its folder exists and is writable" if url.get_backend_name() == "sqlite" else
+                 "that the server is running and reachable from this machine, and that the URL's user, password "
+                 "and database exist")
+        raise ConfigError(f"cannot connect to the study database {shown!r}: {_reason(exc)}. Check {check}") from None
+    finally:
+        engine.dispose()
+
+
+def _reason(exc: Exception) -> str:
+    """The database driver's own message, on one line."""
+    return " ".join(str(getattr(exc, "orig", None) or exc).split())
+
+
+def _trial_seed(seed: int, number: int) -> int:
+    """A hash of (seed, trial number): seed + number would give seed 3's trial 1 the points of seed 4's trial 0."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{number}".encode()).digest()[:4], "little")
+
+
+class _SeededPerTrial(optuna.samplers.BaseSampler):
+    """Draws each trial's points from a fresh sampler seeded from the study's seed and the trial's number.
+    The study numbers its trials, so workers in any number of processes and machines never draw the same
+    points (one seed per process would repeat them on every machine), and a one-worker study is reproducible."""
+
+    def __init__(self, make: Callable[[int], optuna.samplers.BaseSampler], seed: int):
+        self._make, self._seed = make, seed
+        self._sampler = make(seed)
+
+    def before_trial(self, study, trial) -> None:
+        self._sampler = self._make(_trial_seed(self._seed, trial.number))
+        self._sampler.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self._sampler.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._sampler.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._sampler.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self._sampler.after_trial(study, trial, state, values)
+
+
+def _sampler(spec: StudySpec):
+    if spec.sampler == "grid":   # one seed everywhere: a grid point's number must mean the same point to every worker
+        return optuna.samplers.GridSampler(grid(spec.params), seed=spec.seed)
     if spec.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(10, spec.n_trials // 3)))
+        return _SeededPerTrial(lambda seed: optuna.samplers.RandomSampler(seed=seed), spec.seed)
+    startup = max(2, min(10, spec.n_trials // 3))
+    return _SeededPerTrial(lambda seed: optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup), spec.seed)
 
 
 def _pruner(spec: StudySpec):
@@ -318,21 +424,67 @@ def _pruner(spec: StudySpec):
     return optuna.pruners.NopPruner()
 
 
-def _open_study(cfg: TuneConfig, spec: StudySpec, worker: int = 0):
+def _open_study(cfg: TuneConfig, spec: StudySpec):
     study = optuna.create_study(storage=_storage(cfg), study_name=cfg.name, direction=spec.direction,
-                                sampler=_sampler(spec, worker), pruner=_pruner(spec), load_if_exists=True)
+                                sampler=_sampler(spec), pruner=_pruner(spec), load_if_exists=True)
     known = study.user_attrs.get("space_digest")
     if known is None:
         study.set_user_attr("space_digest", spec.digest)
         study.set_user_attr("space", str(Path(cfg.space).resolve()))
     elif known != spec.digest:
-        raise ConfigError(f"study {cfg.name!r} in {cfg.storage_url} was started from another search space; "
+        raise ConfigError(f"study {cfg.name!r} in {cfg.storage_shown} was started from another search space; "
                           "give a new --out or --study-name, or restore the original space file")
     return study
 
 
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+class _Surplus(optuna.TrialPruned):
+    """Ends a trial the study does not need (see _surplus) before it trains."""
+
+
+def _counted(study, states=None) -> list:
+    """The study's trials (in ``states``) less the surplus ones, which did no work: counts and summaries
+    leave them out."""
+    return [t for t in study.get_trials(deepcopy=False, states=states) if not t.user_attrs.get("surplus")]
+
+
 def _finished(study) -> int:
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    return len(_counted(study, FINISHED))
+
+
+def _surplus(study, number: int, target: int) -> bool:
+    """Whether the study reaches ``target`` without trial ``number``: its finished trials plus those ahead
+    in line (running or waiting, with a lower number) make it. The study hands out numbers one at a time,
+    so every lower-numbered trial exists when this runs, and of two trials that start together the later
+    sees the earlier: however workers interleave, at most ``target`` trials train. One read, so a trial
+    finishing meanwhile is counted once."""
+    trials = _counted(study)
+    ahead = sum(t.state in (TrialState.RUNNING, TrialState.WAITING) and t.number < number for t in trials)
+    return sum(t.state in FINISHED for t in trials) + ahead >= target
+
+
+def _retry_dead_trial(study, trial) -> None:
+    """Retries the parameters of a trial whose worker died; a surplus one had nothing to do."""
+    if not trial.user_attrs.get("surplus"):
+        RetryHeartbeatStaleTrialCallback(max_retry=2)(study, trial)
+
+
+def _stop_at(target: int, poll_seconds: float):
+    """A worker's check after each trial: stop once the study has ``target`` finished trials. While the
+    trials running elsewhere would reach it, wait for them rather than start a surplus trial; if one of
+    them fails, or its worker dies (its heartbeat stops), go on and run a trial in its place."""
+
+    def check(study, trial) -> None:
+        while (finished := _finished(study)) < target:
+            optuna.storages.fail_stale_trials(study)
+            if finished + len(_counted(study, (TrialState.RUNNING,))) < target:
+                return
+            time.sleep(poll_seconds)
+        study.stop()
+
+    return check
 
 
 def _prepared_data(spec: StudySpec, out: Path) -> dict:
@@ -346,9 +498,12 @@ def _prepared_data(spec: StudySpec, out: Path) -> dict:
     return shared
 
 
-def _objective(spec: StudySpec, cfg: TuneConfig, shared: dict):
+def _objective(spec: StudySpec, cfg: TuneConfig, shared: dict, target: int):
 
     def objective(trial) -> float:
+        if _surplus(trial.study, trial.number, target):   # ended here, inside optimize, so its heartbeat runs
+            trial.set_user_attr("surplus", True)
+            raise _Surplus(f"surplus: the study has its {target} trials, finished or running elsewhere")
         params = {p.name: suggest(trial, p) for p in spec.params}
         trial_dir = Path(cfg.out_dir) / "trials" / f"trial_{trial.number:04d}"
         overrides = {**shared, **params, "out_dir": str(trial_dir), "resume": False, "progress": False,
@@ -382,17 +537,17 @@ def _objective(spec: StudySpec, cfg: TuneConfig, shared: dict):
     return objective
 
 
-def _run_worker(cfg: TuneConfig, spec: StudySpec, shared: dict, worker: int, threads: int) -> None:
+def _run_worker(cfg: TuneConfig, spec: StudySpec, shared: dict, threads: int) -> None:
     """One process's share of the study: trials until the study has n_trials finished ones."""
     if threads:
         torch.set_num_threads(threads)
-    study = _open_study(cfg, spec, worker)
+    study = _open_study(cfg, spec)
     target = cfg.n_trials or spec.n_trials
     remaining = target - _finished(study)
     if remaining <= 0:
         return
-    study.optimize(_objective(spec, cfg, shared), n_trials=remaining, catch=(RuntimeError,),
-                   callbacks=[MaxTrialsCallback(target, states=(TrialState.COMPLETE, TrialState.PRUNED))],
+    study.optimize(_objective(spec, cfg, shared, target), n_trials=remaining, catch=(RuntimeError,),
+                   callbacks=[_stop_at(target, cfg.heartbeat_interval)],
                    show_progress_bar=cfg.progress and cfg.n_jobs == 1)
 
 
@@ -404,11 +559,11 @@ def tune(cfg: TuneConfig) -> TuneResult:
     _open_study(cfg, spec)           # create it (or check it) once, before workers race to
     shared = _prepared_data(spec, out)
     if cfg.n_jobs == 1:
-        _run_worker(cfg, spec, shared, 0, 0)
+        _run_worker(cfg, spec, shared, 0)
     else:
         threads = max(1, (os.cpu_count() or 1) // cfg.n_jobs)
         context = multiprocessing.get_context("spawn")
-        workers = [context.Process(target=_run_worker, args=(cfg, spec, shared, w, threads)) for w in range(cfg.n_jobs)]
+        workers = [context.Process(target=_run_worker, args=(cfg, spec, shared, threads)) for _ in range(cfg.n_jobs)]
         for w in workers:
             w.start()
         for w in workers:
@@ -425,7 +580,7 @@ def summarize(cfg: TuneConfig, spec: StudySpec) -> TuneResult:
     """Write best_config.yaml, summary.md, study.json and the plots from the study as it stands."""
     out = Path(cfg.out_dir)
     study = _open_study(cfg, spec)
-    trials = study.get_trials(deepcopy=False)
+    trials = _counted(study)
     rows = [{"number": t.number, "state": t.state.name.lower(), "value": t.value,
              "last_reported": t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None,
              "steps": max(t.intermediate_values) if t.intermediate_values else 0,
@@ -441,8 +596,9 @@ def summarize(cfg: TuneConfig, spec: StudySpec) -> TuneResult:
         header = (f"# Best of study {cfg.name!r}: trial {best.number}, {spec.objective} {best.value:.6g}.\n"
                   f"# Use it: gptstack {spec.command} --config {best_config}\n")
         best_config.write_text(header + yaml.safe_dump(to_dict(run), sort_keys=False))
-    (out / "study.json").write_text(json.dumps({"study": cfg.name, "storage": cfg.storage_url, "objective": spec.objective,
-                                                "direction": spec.direction, "best_value": best_value,
+    (out / "study.json").write_text(json.dumps({"study": cfg.name, "storage": cfg.storage_shown,
+                                                "objective": spec.objective, "direction": spec.direction,
+                                                "best_value": best_value,
                                                 "best_params": best_params, "trials": rows}, indent=2, default=str))
     (out / "summary.md").write_text(summary_table(rows, spec))
     _plots(study, spec, out)
@@ -484,12 +640,12 @@ def _plots(study, spec: StudySpec, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for state, style in ((TrialState.COMPLETE, "o"), (TrialState.PRUNED, "x")):
         points = [(t.number, t.value if t.value is not None else t.intermediate_values[max(t.intermediate_values)])
-                  for t in study.get_trials(deepcopy=False, states=(state,))
+                  for t in _counted(study, (state,))
                   if t.value is not None or t.intermediate_values]
         if points:
             ax.plot(*zip(*points), style, label=f"{state.name.lower()} (last value)" if state == TrialState.PRUNED
                     else state.name.lower())
-    complete = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number)
+    complete = sorted(_counted(study, (TrialState.COMPLETE,)), key=lambda t: t.number)
     if complete:
         pick = min if spec.direction == "minimize" else max
         best_so_far, running = [], None

@@ -219,13 +219,13 @@ class FinetuneTask:
     def num_examples(self) -> int:
         return len(self.train[0])
 
-    def steps_per_epoch(self, world_size: int) -> float:
-        return max(1, self.num_examples // (self.cfg.batch_size * self.cfg.grad_accum_steps * world_size))
+    def steps_per_epoch(self, dp_size: int) -> float:
+        return max(1, self.num_examples // (self.cfg.batch_size * self.cfg.grad_accum_steps * dp_size))
 
     def step_batches(self, step: int, info: distributed.DistInfo) -> list:
         """Every rank draws the step's rows and takes its share, in micro-batches of batch_size."""
-        step_rows = self.cfg.batch_size * self.cfg.grad_accum_steps * info.world_size
-        rows = np.array_split(batch_rows(self.num_examples, step_rows, self.cfg.seed, step), info.world_size)[info.rank]
+        step_rows = self.cfg.batch_size * self.cfg.grad_accum_steps * info.dp_size
+        rows = np.array_split(batch_rows(self.num_examples, step_rows, self.cfg.seed, step), info.dp_size)[info.dp_rank]
         micro = [rows[i:i + self.cfg.batch_size] for i in range(0, len(rows), self.cfg.batch_size)]
         return [(self.batch(m, info.device), len(m) / len(rows), len(m)) for m in micro]
 

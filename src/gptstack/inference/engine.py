@@ -32,6 +32,7 @@ import torch
 
 from ..model import GPT, KVCache
 from ..tokenizer import IncrementalDecoder, Tokenizer
+from .fused import fuse_qkv
 from .sampling import SamplingParams, apply_penalties, sample
 from .stops import StopMatcher
 
@@ -165,9 +166,11 @@ class _Request:
 
 
 class Engine:
+    """Serves ``model``, whose q, k and v projections it fuses in place (see fused.py)."""
+
     def __init__(self, model: GPT, tokenizer: Tokenizer, config: EngineConfig | None = None,
                  device: torch.device | str = "cpu"):
-        self.model, self.tokenizer = model.eval(), tokenizer
+        self.model, self.tokenizer = fuse_qkv(model.eval()), tokenizer
         self.config = (config or EngineConfig()).validate()
         self.device = torch.device(device)
         cfg = model.config
@@ -176,7 +179,7 @@ class Engine:
         dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
         slots = self.config.max_batch_size
         if self.config.kv_cache_memory:
-            per_slot = 2 * cfg.n_layer * cfg.n_embd * self.max_seq_len * dtype.itemsize
+            per_slot = KVCache.slot_bytes(cfg, self.max_seq_len, dtype)
             slots = min(slots, self.config.kv_cache_memory // per_slot)
             if slots < 1:
                 raise ValueError(f"kv_cache_memory {self.config.kv_cache_memory} bytes holds no slot of "
@@ -248,6 +251,11 @@ class Engine:
     @property
     def batch_size(self) -> int:
         return len(self._active)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Memory of the KV cache (banded layers keep only their band)."""
+        return self.cache.nbytes
 
     # --- API ------------------------------------------------------------------------------------
     def check(self, prompt_ids: list[int], params: SamplingParams) -> None:

@@ -1,9 +1,11 @@
 """The Hugging Face GPT-2 format, in and out.
 
 A Hugging Face GPT-2 directory is ``config.json`` (GPT2Config) + ``model.safetensors`` + tokenizer
-files. Its weights are ours under other names, with one twist: HF's GPT-2 uses ``Conv1D`` layers
-that store matmul weights as [in, out], the transpose of ``nn.Linear``. transformers itself is not
-needed to read or write the format; tests use it to prove the logits agree.
+files. Its weights are ours under other names, with two twists: HF's GPT-2 uses ``Conv1D`` layers
+that store matmul weights as [in, out], the transpose of ``nn.Linear``, and one ``c_attn`` for q, k
+and v, which export fuses (rows q; k; v) and import hands to the model fused, as an old gptstack
+checkpoint holds them (the model splits them on load). transformers itself is not needed to read or
+write the format; tests use it to prove the logits agree.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from ..checkpoint import CheckpointError, load_model, save_checkpoint
 from ..config import ModelConfig
-from ..model import GPT
+from ..model import GPT, QKV_PROJECTIONS
 from ..tokenizer import ASSETS, GPT2Tokenizer, HFTokenizer, Tokenizer, load_tokenizer
 
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -28,8 +30,13 @@ log = logging.getLogger("gptstack.interop")
 
 
 def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    state = model.state_dict()
+    for layer in range(model.config.n_layer):
+        attn = f"transformer.h.{layer}.attn."
+        for kind in ("weight", "bias"):
+            state[f"{attn}c_attn.{kind}"] = torch.cat([state.pop(f"{attn}{name}.{kind}") for name in QKV_PROJECTIONS])
     out = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in state.items():
         if name == "lm_head.weight":
             continue
         key = name.removeprefix("transformer.")
@@ -70,8 +77,11 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
         log.warning("%s has a classification head; only its language-model backbone is exported", checkpoint_dir)
     cfg = model.config
     if cfg.attention != "dense":
-        raise CheckpointError("the Hugging Face GPT-2 format has no locally banded attention; only models with "
-                              "attention: dense can be exported (this one uses alternating_banded)")
+        raise CheckpointError(
+            f"{checkpoint_dir} cannot be exported to Hugging Face: its model uses {cfg.attention} attention (odd "
+            f"layers see only the last {cfg.band_width} positions), and GPT2LMHeadModel has no locally banded "
+            "attention, so the exported model would compute different outputs. Serve it with gptstack instead "
+            "(`gptstack serve` / `gptstack generate`) and keep the gptstack checkpoint as its format")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(to_hf_state_dict(model), out / "model.safetensors", metadata={"format": "pt"})

@@ -7,6 +7,7 @@ runs as a single process. See docs/distributed.md for multi-node command lines.
 
 from __future__ import annotations
 
+import gc
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ class DistInfo:
     local_rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    dp_rank: int = 0        # this process's place among the data-parallel ones (see parallel.Layout)
+    dp_size: int = 1        # processes that each take their own share of a batch
 
     @property
     def is_main(self) -> bool:
@@ -45,7 +48,7 @@ def setup(device_name: str) -> DistInfo:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return DistInfo(rank, local_rank, world_size, device)
+    return DistInfo(rank, local_rank, world_size, device, dp_rank=rank, dp_size=world_size)
 
 
 def sum_across_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
@@ -91,15 +94,19 @@ def barrier(info: DistInfo) -> None:
 
 
 def teardown(info: DistInfo) -> None:
+    """Destroy every process group while the interpreter is whole: after a barrier (no peer still in a
+    collective) and a garbage collection (no finished gloo work left holding tensors), since gloo
+    threads tearing those down during interpreter shutdown abort the process. Only for a run that
+    finished: after a failure the peers may never reach the barrier (torchrun stops them all)."""
     if info.enabled and dist.is_initialized():
+        dist.barrier()
+        gc.collect()
         dist.destroy_process_group()
 
 
 @contextmanager
 def process_group(device_name: str) -> Iterator[DistInfo]:
-    """This process's place in the run (set up from torchrun's variables), torn down on the way out."""
+    """This process's place in the run (set up from torchrun's variables), torn down when it finishes."""
     info = setup(device_name)
-    try:
-        yield info
-    finally:
-        teardown(info)
+    yield info
+    teardown(info)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -13,10 +14,15 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
     """Adam(W) where weight decay touches only 2-D weights (matmuls and embeddings), as in GPT-3;
     biases and LayerNorm gains are not decayed. ``optimizer: adamw`` decays the weights directly
     (decoupled, Loshchilov & Hutter); ``adam`` adds ``weight_decay * w`` to the gradient (L2), which
-    Adam then rescales. Uses the fused kernel where this torch has one."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    Adam then rescales. Uses the fused kernel where this torch has one; a sharded model's parameters
+    are grouped by the device mesh they are spread over, as one kernel call takes one mesh."""
+    groups: dict[tuple, dict] = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            decay = cfg.weight_decay if p.dim() >= 2 else 0.0
+            key = (decay, id(getattr(p, "device_mesh", None)))
+            groups.setdefault(key, {"params": [], "weight_decay": decay})["params"].append(p)
+    groups = list(groups.values())
     kind = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     return kind(groups, lr=cfg.peak_learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                 fused=device.type in ("cuda", "cpu"))
@@ -53,13 +59,18 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float,
-                  scaler: torch.amp.GradScaler) -> torch.Tensor | None:
-    """Unscale (fp16), clip the global gradient norm, step and clear the gradients; returns the
-    norm before clipping (None without clipping), still on the device so nothing waits for it."""
+                  scaler: torch.amp.GradScaler, clip: Callable[[torch.nn.Module, float], torch.Tensor] | None = None
+                  ) -> torch.Tensor | None:
+    """Unscale (fp16), clip the global gradient norm (with ``clip(model, max_norm)`` for a sharded
+    model), step and clear the gradients; returns the norm before clipping (None without clipping),
+    still on the device so nothing waits for it."""
     grad_norm = None
     if grad_clip > 0:
         scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+        if clip is not None:
+            grad_norm = clip(model, grad_clip)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)

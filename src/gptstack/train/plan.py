@@ -5,9 +5,11 @@ parallel (tp) x pipeline parallel (pp) ranks, optionally fully sharded (FSDP / Z
 
 * model states, mixed-precision Adam (ZeRO paper, Rajbhandari et al. 2020): 2 bytes of bf16 weights,
   2 of bf16 gradients and 12 of fp32 master weights and Adam moments, 16 bytes per parameter. TP
-  splits each block's matrices and the vocabulary, PP gives each stage n_layer / pp blocks (the
-  first stage also holds the embeddings, so it is the one planned for), FSDP divides it all by dp
-  but gathers one block whole at a time (and prefetches the next), with its gradients.
+  splits each block's matrices (as train/parallel.py does: the embeddings and the tied LM head stay
+  whole on every tensor-parallel process), PP gives each stage n_layer / pp blocks (the first stage
+  also holds the embeddings, so it is the one planned for), FSDP divides it all by dp but gathers
+  one block whole at a time (and prefetches the next), with its gradients. Data parallelism over
+  tensor- or pipeline-parallel groups is FSDP, as gptstack runs it.
 * batch: the preset's batch in tokens (GPT-3: Table 2.1) must hold at least one micro-batch per
   data-parallel rank; the pipeline bubble of 1F1B is (pp - 1) / micro-batches per step.
 * activations of one micro-batch, per block, with bf16 activations and the attention scores never
@@ -82,11 +84,11 @@ class Layout:
 
 
 def parameters_per_device(model: ModelConfig, layout: Layout) -> float:
-    """Parameters on the first pipeline stage's device: its blocks and the embeddings, split by TP."""
+    """Parameters on the first pipeline stage's device: its blocks, split by TP, and the embeddings."""
     h = model.n_embd
     per_block = 12 * h * h + 13 * h
     blocks = math.ceil(model.n_layer / layout.pp)
-    return (blocks * per_block + model.vocab_size * h) / layout.tp + model.block_size * h + 2 * h
+    return blocks * per_block / layout.tp + (model.vocab_size + model.block_size) * h + 2 * h
 
 
 def memory_per_device(model: ModelConfig, layout: Layout, micro_batch: int, checkpointing: bool) -> dict:
@@ -107,12 +109,22 @@ def memory_per_device(model: ModelConfig, layout: Layout, micro_batch: int, chec
 
 
 def layouts(cfg: PlanConfig, model: ModelConfig) -> list[Layout]:
-    """Every layout of cfg.gpus devices the model's shape allows, or the one the config names."""
+    """Every layout of cfg.gpus devices the model's shape allows, or the one the config names. Data
+    parallelism over tensor- or pipeline-parallel groups is FSDP (as train/parallel.py runs it)."""
     tps = [cfg.tp] if cfg.tp else [t for t in (1, 2, 4, 8) if t <= MAX_TP and model.n_head % t == 0]
     pps = [cfg.pp] if cfg.pp else [p for p in range(1, model.n_layer + 1) if model.n_layer % p == 0]
-    shard = [cfg.fsdp] if (cfg.tp and cfg.pp) else [False, True]
-    return [Layout(cfg.gpus // (t * p), t, p, f) for t in tps for p in pps for f in shard
-            if cfg.gpus % (t * p) == 0]
+    found = []
+    for tp in tps:
+        for pp in pps:
+            if cfg.gpus % (tp * pp):
+                continue
+            dp = cfg.gpus // (tp * pp)
+            if dp > 1 and tp * pp > 1:
+                shard = [True]
+            else:
+                shard = [cfg.fsdp] if (cfg.tp and cfg.pp) else [False, True]
+            found += [Layout(dp, tp, pp, fsdp) for fsdp in shard]
+    return found
 
 
 def plan(cfg: PlanConfig) -> dict:

@@ -65,7 +65,7 @@ class LanguageModelTask:
             raise ValueError(f"model.vocab_size {self.model_cfg.vocab_size} is smaller than the dataset's tokenizer "
                              f"({self.train_set.vocab_size}); remove the override")
         self.block = self.model_cfg.block_size
-        self.sampler = BatchSampler(self.train_set, self.block, cfg.batch_size, cfg.seed, info.rank, info.world_size)
+        self.sampler = BatchSampler(self.train_set, self.block, cfg.batch_size, cfg.seed, info.dp_rank, info.dp_size)
         self.flops_per_unit = model_info(self.model_cfg)["flops_per_token_train"]
 
     def build(self, resume_dir: Path | None) -> tuple[GPT, Tokenizer]:
@@ -80,8 +80,8 @@ class LanguageModelTask:
             model = GPT(self.model_cfg)
         return model, self.tokenizer
 
-    def steps_per_epoch(self, world_size: int) -> float:
-        return self.train_set.num_tokens / (self.cfg.batch_size * self.block * self.cfg.grad_accum_steps * world_size)
+    def steps_per_epoch(self, dp_size: int) -> float:
+        return self.train_set.num_tokens / (self.cfg.batch_size * self.block * self.cfg.grad_accum_steps * dp_size)
 
     def step_batches(self, step: int, info: distributed.DistInfo) -> list:
         n_micro = micro_batches(step, self.cfg)
@@ -100,7 +100,7 @@ class LanguageModelTask:
             return {}
         total, count = torch.zeros((), device=device), torch.zeros((), device=device)
         for x, y in eval_batches(self.val_set, self.block, self.cfg.eval_batch_size, self.cfg.eval_iters,
-                                 info.rank, info.world_size):
+                                 info.dp_rank, info.dp_size):
             with autocast(device, dtype):
                 _, loss = model(x.to(device), y.to(device))
             total += loss.float() * y.numel()
