@@ -109,8 +109,9 @@ def test_each_parallelism_divides_the_work(runs):
     replicates the rest (embeddings, LayerNorms, biases of the row-split layers); a pipeline stage
     holds its half of the blocks, the first the embeddings, the last the final LayerNorm and the tied
     head (at this tiny size the vocabulary dominates, so a stage is not much smaller than the whole)."""
-    ddp, fsdp, tensor, pipeline = ([{k: v for k, v in rank.items() if k != "peak_memory_mib"} for rank in held_bytes(runs[name])]
-                                   for name in ("ddp", "fsdp", "tensor", "pipeline"))
+    def states(name: str) -> list[dict]:
+        return [{k: v for k, v in rank.items() if k != "peak_memory_mib"} for rank in held_bytes(runs[name])]
+    ddp, fsdp, tensor, pipeline = (states(name) for name in ("ddp", "fsdp", "tensor", "pipeline"))
     whole = ddp[0]
     assert ddp[0] == ddp[1] and whole["optimizer"] == 2 * whole["parameters"] == 2 * whole["gradients"]
     for rank in fsdp:

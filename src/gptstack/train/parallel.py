@@ -148,7 +148,6 @@ def build_model(model_cfg: ModelConfig, cfg: TrainConfig, layout: Layout, device
                 dtype: torch.dtype, init_seed: int) -> nn.Module:
     """This process's part of the model, sharded by ``layout`` and initialised: a GPT, or under
     pipeline parallelism this stage's :class:`PipelineStageModel`. Only the shards are allocated."""
-
     with torch.device("meta"):
         model: nn.Module = GPT(model_cfg)
     if layout.pp > 1:
@@ -163,7 +162,8 @@ def build_model(model_cfg: ModelConfig, cfg: TrainConfig, layout: Layout, device
             block.compile()
     if layout.fsdp:
         low_precision = dtype if dtype in (torch.bfloat16, torch.float16) else None
-        options = dict(mesh=layout.mesh["dp"], mp_policy=MixedPrecisionPolicy(param_dtype=low_precision, reduce_dtype=torch.float32),
+        options = dict(mesh=layout.mesh["dp"],
+                       mp_policy=MixedPrecisionPolicy(param_dtype=low_precision, reduce_dtype=torch.float32),
                        offload_policy=CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy())
         for block in blocks:   # a pipeline stage keeps its blocks gathered across its micro-batches
             fully_shard(block, reshard_after_forward=layout.pp == 1, **options)
