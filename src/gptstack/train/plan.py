@@ -162,7 +162,7 @@ def format_plan(result: dict, cfg: PlanConfig, most: int = 8) -> str:
              f"{gb(result['gpu_memory_bytes'])}; micro-batch {cfg.micro_batch}, activation checkpointing "
              f"{'on' if cfg.activation_checkpointing else 'off'}",
              f"model states: {STATE_BYTES_PER_PARAM} bytes/parameter (bf16 weights 2 + bf16 grads 2 + fp32 master "
-             "and Adam moments 12), on the first pipeline stage (its blocks + embeddings, / tp; / dp with FSDP)",
+             "and Adam moments 12), on the first pipeline stage (its blocks / tp, the embeddings whole; all / dp with FSDP)",
              "activations: bf16, attention scores not stored; with checkpointing 2*s*b*h bytes per block "
              "+ one block's s*b*h*(10 + 24/tp); 1F1B keeps n_layer blocks' worth on the first stage",
              f"batch: {result['batch_tokens']:,} tokens per step; m = micro-batches per step per pipeline, "
