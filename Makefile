@@ -12,13 +12,18 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e .
+# The decode kernels (csrc/) compile against the installed torch: torch and the build tools first, then
+# the project without build isolation (an isolated build has no torch and would leave the kernels out).
+$(VENV)/.installed: $(BIN)/python pyproject.toml setup.py $(wildcard csrc/*)
+	$(BIN)/pip install --quiet $(TORCH) 'setuptools>=68' wheel
+	$(BIN)/pip install --quiet --no-build-isolation -e .
 	touch $@
 
+# The test extras build in isolation (llama-cpp-python brings its own build tools), which rebuilds
+# gptstack without torch: build it once more with the kernels.
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --no-build-isolation --no-deps -e .
 	touch $@
 
 install: $(VENV)/.installed

@@ -18,12 +18,19 @@ import time
 import torch
 import torch.nn.functional as F
 
-from gptstack.model import attention_mask, local_attention
+from gptstack.model import local_attention
+
+
+def band_mask(T: int, band: int) -> torch.Tensor:
+    """[T, T]: query i sees key j iff i - band < j <= i (dense attention under GPT-3's band)."""
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None]
+    return (j <= i) & (j > i - band)
+
 
 VARIANTS = {
     "banded, block-local (gptstack)": lambda q, k, v, band, p: local_attention(q, k, v, band, p),
     "banded, dense + mask (before)": lambda q, k, v, band, p: F.scaled_dot_product_attention(
-        q, k, v, attn_mask=attention_mask(torch.arange(q.shape[2])[None], q.shape[2], band), dropout_p=p),
+        q, k, v, attn_mask=band_mask(q.shape[2], band), dropout_p=p),
     "dense causal (is_causal)": lambda q, k, v, band, p: F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                                                        dropout_p=p),
 }

@@ -1,9 +1,12 @@
-"""Single-stream decode speed: gptstack's engine against transformers and CTranslate2, same weights.
+"""Single-stream decode speed: gptstack's engine against transformers, CTranslate2 and llama.cpp, same weights.
 
 A model of the chosen preset (default `gpt2`, 124M parameters) is initialised from a fixed seed,
-saved as a gptstack checkpoint, exported to the Hugging Face format and converted for CTranslate2.
+saved as a gptstack checkpoint, exported to the Hugging Face format and converted for CTranslate2,
+and exported to GGUF (f32, bf16, q8_0, q4_0) for llama.cpp (llama-cpp-python, built from source).
 Each implementation decodes greedily from the same 32-token prompt, exactly N new tokens. Decode
 rate = (N - 1) / (time for N tokens - time for 1 token), so prefill is left out on every side.
+Each row is compared with llama.cpp at the same precision (fp32 with f32, bf16 with bf16, int8 with
+q8_0, int4 with q4_0).
 
     python bench/decode.py [--preset gpt2] [--new-tokens 128] [--repeats 3]
 """
@@ -11,6 +14,7 @@ rate = (N - 1) / (time for N tokens - time for 1 token), so prefill is left out 
 from __future__ import annotations
 
 import argparse
+import itertools
 import platform
 import tempfile
 import time
@@ -21,8 +25,9 @@ import torch
 from gptstack.checkpoint import load_model, save_checkpoint
 from gptstack.config import preset
 from gptstack.inference.engine import Engine, EngineConfig
-from gptstack.inference.quantize import quantize_int8
+from gptstack.inference.quantize import prepare_weights
 from gptstack.inference.sampling import SamplingParams
+from gptstack.interop.gguf import export_gguf
 from gptstack.interop.hf import export_hf
 from gptstack.model import GPT
 from gptstack.runtime import tune_allocator
@@ -47,10 +52,11 @@ def timed(run, n: int) -> float:
     return time.perf_counter() - start
 
 
-def gptstack_runner(checkpoint: Path, prompt: list[int], dtype: torch.dtype, int8: bool):
+def gptstack_runner(checkpoint: Path, prompt: list[int], dtype: torch.dtype, weights: str | None):
+    """``weights``: None for the model's own nn.Linear layers, else prepare_weights' format (our kernels)."""
     model, tokenizer, _ = load_model(checkpoint, dtype=dtype)
-    if int8:
-        model = quantize_int8(model)
+    if weights:
+        model = prepare_weights(model, weights)
     engine = Engine(model, tokenizer, EngineConfig(max_batch_size=1))
 
     def run(n: int) -> None:   # generate() runs the engine loop in this (main) thread
@@ -88,12 +94,52 @@ def ctranslate2_runner(hf_dir: Path, work: Path, prompt: list[int], compute_type
     return run
 
 
+def llamacpp_runner(gguf_path: Path, prompt: list[int], new_tokens: int):
+    """llama.cpp's own greedy sampler (top-k 1, temperature 0) over our exported GGUF, its cache
+    cleared before every run so that each run prefills the prompt as the other peers do."""
+    import llama_cpp
+    threads = torch.get_num_threads()
+    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=len(prompt) + new_tokens, n_threads=threads,
+                          n_threads_batch=threads, verbose=False, logits_all=False)
+
+    def run(n: int) -> None:
+        llm.reset()
+        tokens = list(itertools.islice(llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0), n))
+        assert len(tokens) == n
+    return run
+
+
+GGUF_NAMES = {"fp32": "f32", "int8": "q8_0", "int4": "q4_0"}   # the first word of a row's weights, as GGUF names it
+
+
+def same_precision(label: str) -> str:
+    """The GGUF type of the llama.cpp row a row is compared with ("int8 weights" -> q8_0, "bf16" -> bf16)."""
+    word = label.split()[0]
+    return GGUF_NAMES.get(word, word)
+
+
+def cpu_description() -> str:
+    """The CPU's model name and whether it has the bf16 matmul units that decide bf16 speed."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:   # not Linux
+        pass
+    units = ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in ("avx512_bf16", "amx_bf16", "amx_int8"))
+    return f"{model} ({units})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="gpt2")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skip", default="", help="comma-separated: transformers,ctranslate2")
+    parser.add_argument("--skip", default="", help="comma-separated: transformers,ctranslate2,llamacpp")
     args = parser.parse_args()
     tune_allocator()
     torch.manual_seed(0)
@@ -109,23 +155,36 @@ def main() -> None:
         save_checkpoint(work / "ck", GPT(cfg), tokenizer)
         export_hf(work / "ck", work / "hf")
         n, r = args.new_tokens, args.repeats
-        for label, dtype, int8 in (("fp32", torch.float32, False), ("bf16", torch.bfloat16, False),
-                                   ("int8 weights", torch.float32, True)):
-            rows.append(("gptstack engine", label, decode_rate(gptstack_runner(work / "ck", prompt, dtype, int8), n, r)))
+        for label, dtype, weights in (("fp32", torch.float32, None), ("bf16", torch.bfloat16, None),
+                                      ("fp32 weights, kernels", torch.float32, "fp32"),
+                                      ("bf16 weights, kernels", torch.float32, "bf16"),
+                                      ("int8 weights", torch.float32, "int8"), ("int4 weights", torch.float32, "int4")):
+            rows.append(("gptstack engine", label, decode_rate(gptstack_runner(work / "ck", prompt, dtype, weights), n, r)))
         if "transformers" not in skip:
             for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
                 rows.append(("transformers generate()", label, decode_rate(transformers_runner(work / "hf", prompt, dtype), n, r)))
         if "ctranslate2" not in skip:
             for label, compute in (("fp32", "float32"), ("int8 weights", "int8_float32")):
                 rows.append(("ctranslate2 Generator", label, decode_rate(ctranslate2_runner(work / "hf", work, prompt, compute), n, r)))
+        if "llamacpp" not in skip:
+            for gguf_type in ("f32", "bf16", "q8_0", "q4_0"):
+                path = export_gguf(work / "ck", work / f"model-{gguf_type}.gguf", gguf_type)
+                rows.append(("llama.cpp (llama-cpp-python)", gguf_type,
+                             decode_rate(llamacpp_runner(path, prompt, n), n, r)))
 
-    reference = next((rate for impl, label, rate in rows if impl.startswith("transformers") and label == "fp32"), None)
+    llamacpp = {label: rate for impl, label, rate in rows if impl.startswith("llama.cpp")}
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"cpu: {cpu_description()}")
+    if llamacpp:
+        from importlib.metadata import version
+        print(f"llama.cpp: llama-cpp-python {version('llama-cpp-python')} (built from source here), "
+              f"{torch.get_num_threads()} threads")
     print(f"model: {args.preset} ({GPT(cfg).num_parameters() / 1e6:.1f}M parameters), prompt {len(prompt)} tokens, "
           f"{n} new tokens greedy, batch 1, best of {r}\n")
-    print("| implementation | weights | decode tokens/s | vs transformers fp32 |")
+    print("| implementation | weights | decode tokens/s | vs llama.cpp same precision |")
     print("|---|---|---:|---:|")
     for impl, label, rate in rows:
+        reference = llamacpp.get(same_precision(label))
         ratio = f"{rate / reference:.2f}x" if reference else "n/a"
         print(f"| {impl} | {label} | {rate:,.1f} | {ratio} |")
 

@@ -35,7 +35,7 @@ def test_every_field_has_a_flag(command, cls):
 def test_every_engine_option_the_server_can_use_is_a_serve_flag():
     dests = {action.dest for action in command_parser("serve")._actions}
     # context_shift is for `generate`: the server must refuse a request longer than the context
-    assert {f.name for f in dataclasses.fields(EngineConfig)} - dests == {"prefill_chunk", "context_shift"}
+    assert {f.name for f in dataclasses.fields(EngineConfig)} - dests == {"context_shift"}
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -64,7 +64,7 @@ def test_flags_build_the_dataclass(argv, expected):
 def test_help_is_the_field_comment():
     assert field_comments(SamplingParams)["min_p"] == "drop tokens below min_p * p(most likely); 0 = off"
     assert "drop tokens below min_p" in command_parser("generate").format_help()
-    assert "requests decoded together (KV cache slots)" in command_parser("serve").format_help()
+    assert "requests running at once (decoded together)" in command_parser("serve").format_help()
 
 
 def test_a_field_without_a_command_line_form_is_refused():

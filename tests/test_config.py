@@ -42,8 +42,8 @@ def test_model_info_cli_json_for_175b_without_allocating():
     assert info["flops_per_token_train"] == 3 * info["flops_per_token_forward"]
     assert info["flops_per_token_forward"] > 2 * info["parameters"] * 0.99
     assert info["kv_cache_bytes_per_token"]["bf16"] == 2 * 96 * 12288 * 2
-    # 48 dense layers keep 2048 positions, 48 banded ones their band of 256
-    assert info["kv_cache_bytes_full_context"]["bf16"] == 2 * 12288 * 2 * (48 * 2048 + 48 * 256)
+    # the paged cache keeps all 2048 positions in the 48 banded layers too
+    assert info["kv_cache_bytes_full_context"]["bf16"] == 2 * 12288 * 2 * 96 * 2048
     assert info["learning_rate"] == 0.6e-4 and info["batch_tokens"] == 3_200_000
     human = run_cli("model-info", "gpt3-small", check=True).stdout
     assert "125.2M parameters" in human and "KV cache" in human

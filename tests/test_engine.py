@@ -11,7 +11,8 @@ from gptstack.config import preset
 from gptstack.data.loader import TokenDataset, eval_batches
 from gptstack.inference.engine import Engine, EngineConfig, QueueFull
 from gptstack.inference.fused import FusedQKVAttention, fuse_qkv
-from gptstack.inference.quantize import Int8Linear, quantize_int8
+from gptstack.inference.kernels import DecodeLinear
+from gptstack.inference.quantize import quantize_int8
 from gptstack.inference.sampling import SamplingParams, apply_penalties
 from gptstack.lora import LoRAConfig, LoRALinear, add_lora
 from gptstack.model import GPT
@@ -21,7 +22,7 @@ from gptstack.tokenizer import load_tokenizer
 @pytest.fixture()
 def engine(tiny_checkpoint):
     model, tok, _ = load_model(tiny_checkpoint)
-    with Engine(model, tok, EngineConfig(max_batch_size=4, max_queue=4, prefill_chunk=8)) as e:
+    with Engine(model, tok, EngineConfig(max_batch_size=4, max_queue=4, step_tokens=8, block_size=4)) as e:
         yield e
 
 
@@ -111,7 +112,8 @@ def greedy_with_context_shift(model, prompt: list[int], n: int, window: int) -> 
 
 def test_context_shift_keeps_the_newest_half_and_goes_on(tiny_checkpoint):
     model, tok, _ = load_model(tiny_checkpoint)
-    engine = Engine(model, tok, EngineConfig(max_batch_size=2, max_seq_len=32, prefill_chunk=8, context_shift=True))
+    engine = Engine(model, tok, EngineConfig(max_batch_size=2, max_seq_len=32, step_tokens=8, block_size=4,
+                                             context_shift=True))
     short = tok.encode("ROMEO:")
     long = tok.encode("First Citizen:\nBefore we proceed any further, hear me speak.\nAll:\nSpeak, speak. You are "
                       "all resolved rather to die than to famish?")
@@ -127,23 +129,79 @@ def test_context_shift_keeps_the_newest_half_and_goes_on(tiny_checkpoint):
     assert engine.stats["context_shifts"] == shifts
 
 
-def test_banded_model_decodes_from_its_ring_cache_as_without_a_cache():
-    """The banded layers of a GPT-3-style model keep only their band in the engine's cache, and the
-    memory bound counts it so. Prompts and outputs several bands long, prefill chunks longer than the
-    band, rows at different positions and a reused slot: the tokens of recomputing every step."""
+def test_banded_model_decodes_from_the_paged_cache_as_without_a_cache():
+    """A GPT-3-style model (every other layer banded) in a pool of two contexts' blocks: prompts and
+    outputs several bands long, chunks longer than the band, three requests sharing the pool and
+    rows at different positions give the tokens of recomputing every step."""
     torch.manual_seed(0)
     cfg = dataclasses.replace(preset("tiny").model, attention="alternating_banded", band_width=4, n_layer=4)
     model, tok = GPT(cfg).eval(), load_tokenizer("gpt2")
-    slot_bytes = 2 * cfg.n_embd * 4 * (2 * 48 + 2 * 4)     # k and v, fp32: two dense layers of 48, two of 4
-    engine = Engine(model, tok, EngineConfig(max_batch_size=8, max_seq_len=48, prefill_chunk=6,
-                                             kv_cache_memory=2 * slot_bytes))
-    assert engine.slots == 2 and engine.kv_cache_bytes == 2 * slot_bytes
-    dense = GPT(dataclasses.replace(cfg, attention="dense")).eval()
-    assert Engine(dense, tok, EngineConfig(max_seq_len=48, kv_cache_memory=2 * slot_bytes)).slots == 1
-    prompts = [[(7 * i + 3 * j) % 1000 for j in range(n)] for i, n in enumerate((3, 13, 9))]   # 3 requests, 2 slots
+    block_bytes = 2 * 4 * cfg.n_embd * 4 * 8      # k and v, 4 layers, fp32, 8 positions
+    engine = Engine(model, tok, EngineConfig(max_batch_size=8, max_seq_len=48, step_tokens=16, block_size=8,
+                                             kv_cache_memory=2 * 6 * block_bytes))
+    assert engine.kv_cache_bytes == 12 * block_bytes
+    with pytest.raises(ValueError, match="less than one context"):
+        Engine(model, tok, EngineConfig(max_seq_len=48, block_size=8, kv_cache_memory=5 * block_bytes))
+    prompts = [[(7 * i + 3 * j) % 1000 for j in range(n)] for i, n in enumerate((3, 13, 9))]
     completions = engine.generate(prompts, SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True))
     for prompt, completion in zip(prompts, completions):
         assert completion.token_ids == greedy_with_context_shift(model, prompt, 20, window=48)[0]
+
+
+def test_prefix_cache_prefills_a_shared_prompt_once(tiny_checkpoint):
+    """Requests sharing a long system prompt: the later ones take its cached blocks (all its full
+    blocks), compute only their own tail, and sample exactly what an engine without the cache does."""
+    model, tok, _ = load_model(tiny_checkpoint)
+    system = tok.encode("You are a helpful assistant who speaks like Shakespeare. " * 6)
+    questions = [system + tok.encode(f"\nUSER: Tell me of {w}.\nASSISTANT:") for w in ("Rome", "love", "war")]
+    params = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
+    config = dict(max_batch_size=2, step_tokens=64, block_size=8)
+    cached = Engine(model, tok, EngineConfig(**config))
+    uncached = Engine(model, tok, EngineConfig(**config, prefix_caching=False))
+    first = cached.generate(questions[:1], params)
+    computed_first = cached.stats["prompt_tokens"]
+    rest = cached.generate(questions[1:], params)
+    assert [c.token_ids for c in first + rest] == [c.token_ids for c in uncached.generate(questions, params)]
+    shared_blocks = len(system) // 8
+    assert cached.stats["prefix_cache_hit_tokens"] >= 2 * shared_blocks * 8
+    assert cached.stats["prompt_tokens"] - computed_first <= sum(len(q) for q in questions[1:]) - 2 * shared_blocks * 8
+    assert uncached.stats["prefix_cache_hit_tokens"] == 0
+
+
+def test_a_full_pool_preempts_and_every_request_still_gets_its_tokens(tiny_checkpoint):
+    """Three long generations in a pool of one context and a half: the newest running request is
+    preempted, readmitted later, and every output equals the request's output run alone."""
+    model, tok, _ = load_model(tiny_checkpoint)
+    block_bytes = 2 * model.config.n_layer * 8 * model.config.n_embd * 4
+    engine = Engine(model, tok, EngineConfig(max_batch_size=3, max_seq_len=64, step_tokens=16, block_size=8,
+                                             kv_cache_memory=12 * block_bytes))
+    prompts = ["ROMEO:", "JULIET:\nO Romeo", "KING RICHARD III:\nNow is the winter"]
+    params = SamplingParams(max_new_tokens=40, temperature=0.8, seed=3, ignore_eos=True, frequency_penalty=0.5)
+    together = engine.generate(prompts, params)
+    assert engine.stats["preempted"] > 0
+    alone = Engine(model, tok, EngineConfig(max_batch_size=1, block_size=8))
+    assert [c.token_ids for c in together] == [alone.generate([p], params)[0].token_ids for p in prompts]
+
+
+def test_a_short_prompt_does_not_wait_behind_a_long_one_nor_does_decoding(tiny_checkpoint):
+    """Chunked prefill: while a long prompt is prefilled over many steps, a request already decoding
+    gets a token every step, and a short prompt submitted after the long one finishes first."""
+    model, tok, _ = load_model(tiny_checkpoint)
+    engine = Engine(model, tok, EngineConfig(max_batch_size=4, step_tokens=16, block_size=8)).start()
+    try:
+        decoding = engine.submit(tok.encode("ROMEO:"), SamplingParams(max_new_tokens=200, ignore_eos=True))
+        next(iter(decoding))
+        long = engine.submit(tok.encode("First Citizen:\nBefore we proceed any further, hear me speak. " * 12),
+                             SamplingParams(max_new_tokens=2, ignore_eos=True))
+        short = engine.submit(tok.encode("KING:"), SamplingParams(max_new_tokens=3, ignore_eos=True))
+        steps_before = engine.stats["steps"]
+        assert [e.finish_reason for e in short][-1] == "length"
+        assert not long.finished and not long.drain()      # still prefilling its 200+ tokens
+        list(long)
+        tokens_meanwhile = len(decoding.drain())
+        assert tokens_meanwhile >= engine.stats["steps"] - steps_before - 2
+    finally:
+        engine.shutdown()
 
 
 def test_stream_yields_events_as_they_come_and_frees_the_slot_when_dropped(tiny_checkpoint, engine):
@@ -202,7 +260,8 @@ def test_int8_quantization_keeps_perplexity_within_two_percent(tiny_checkpoint, 
     reference = perplexity(model, val)
     quantized = quantize_int8(load_model(tiny_checkpoint)[0])
     layer = quantized.transformer.h[0].attn.qkv_proj     # q, k and v quantized as one fused matmul
-    assert layer.weight().dtype == torch.qint8 and quantized.lm_head.weight().dtype == torch.qint8
+    assert isinstance(layer, DecodeLinear) and layer.weight.dtype == torch.int8
+    assert isinstance(quantized.lm_head, DecodeLinear) and quantized.lm_head.weight.dtype == torch.int8
     assert abs(perplexity(quantized, val) / reference - 1) < 0.02
 
 
@@ -223,13 +282,14 @@ def test_engine_fuses_q_k_v_into_one_matmul_with_the_same_logits(tiny_checkpoint
 
 
 def test_weight_only_int8_linear_is_close():
-    """The non-CPU path (Int8Linear) on its own: per-channel int8 weights, float activations."""
+    """Each path of the int8 layer on its own (CUDA takes "torch"): per-channel int8 weights, float activations."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 32)
     x = torch.randn(5, 64)
-    q = Int8Linear(linear)
+    q = DecodeLinear(linear, "int8")
     assert q.weight.dtype == torch.int8
-    assert torch.allclose(q(x), linear(x), atol=0.02 * linear(x).abs().max().item())
+    for path in q.candidate_paths():
+        assert torch.allclose(q.run(path, x), linear(x), atol=0.02 * linear(x).abs().max().item()), path
 
 
 def test_call_runs_on_the_engine_thread_between_steps(engine):

@@ -48,15 +48,18 @@ def test_import_from_transformers_with_equal_logits(tmp_path):
     assert all(torch.equal(tensor, original["transformer." + key]) for key, tensor in back.items())
 
 
-def test_banded_models_are_refused_with_the_reason_and_what_to_do(tmp_path):
+@pytest.mark.parametrize("fmt, out, reason", [
+    ("hf", "hf", "GPT2LMHeadModel has no locally banded attention"),
+    ("gguf", "m.gguf", "no locally banded attention"),
+])
+def test_banded_models_are_refused_with_the_reason_and_what_to_do(tmp_path, fmt, out, reason):
     cfg = preset("tiny").model
     cfg.attention = "alternating_banded"
     save_checkpoint(tmp_path / "ck", GPT(cfg), load_tokenizer("gpt2"))
-    proc = run_cli("export", "--checkpoint", str(tmp_path / "ck"), "--format", "hf", "--out", str(tmp_path / "hf"))
+    proc = run_cli("export", "--checkpoint", str(tmp_path / "ck"), "--format", fmt, "--out", str(tmp_path / out))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "GPT2LMHeadModel has no locally banded attention" in proc.stderr
-    assert "would compute different outputs" in proc.stderr and "gptstack serve" in proc.stderr
-    assert not (tmp_path / "hf").exists()
+    assert reason in proc.stderr and "gptstack serve" in proc.stderr
+    assert not (tmp_path / out).exists()
 
 
 def test_import_rejects_other_architectures(tmp_path):

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from gptstack.config import preset
 from gptstack.loss import linear_cross_entropy
-from gptstack.model import GPT, KVCache, QKV_PROJECTIONS, attention_mask
+from gptstack.kv_cache import PagedKVCache
+from gptstack.model import GPT, QKV_PROJECTIONS
 
 from test_checkpoint import fused_qkv_state
 
@@ -17,18 +18,10 @@ def tiny(**changes):
     return dataclasses.replace(preset("tiny").model, **changes)
 
 
-@pytest.mark.parametrize("attention", ["dense", "alternating_banded"])
-def test_kv_cache_decode_equals_full_forward(attention):
-    torch.manual_seed(0)
-    cfg = tiny(attention=attention, band_width=6, n_layer=4)
-    model = GPT(cfg).eval()
-    idx = torch.randint(0, cfg.vocab_size, (3, 30))
-    full, _ = model(idx)
-    cache = KVCache.allocate(cfg, 3)
-    pieces = [model(idx[:, :11], cache=cache, positions=torch.arange(11).expand(3, 11))[0]]
-    for t in range(11, 30):
-        pieces.append(model(idx[:, t:t + 1], cache=cache, positions=torch.full((3, 1), t))[0])
-    assert torch.allclose(torch.cat(pieces, 1), full, atol=1e-5)
+def band_mask(T: int, band: int) -> torch.Tensor:
+    """[T, T]: query i sees key j iff i - band < j <= i."""
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None]
+    return (j <= i) & (j > i - band)
 
 
 def no_cache_logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -36,67 +29,52 @@ def no_cache_logits(model, ids: torch.Tensor) -> torch.Tensor:
         return model(ids[None])[0][0]
 
 
-def test_banded_ring_cache_decodes_as_the_full_forward():
-    """Banded layers keep only their band, as a ring. Rows at different positions, prefill chunks
-    longer than the band and a reused slot all give the no-cache forward's logits (fp32, atol 1e-5)."""
-    torch.manual_seed(0)
-    cfg = tiny(attention="alternating_banded", band_width=5, n_layer=4)
-    model = GPT(cfg).eval()
-    cache = KVCache.allocate(cfg, 3)
-    assert [k.shape[2] for k in cache.k] == [64, 5, 64, 5]
-    seqs = [torch.randint(0, cfg.vocab_size, (n,)) for n in (40, 31, 23)]   # 4.6 to 8 bands long
-    refs = [no_cache_logits(model, s) for s in seqs]
-    prefill = [12, 3, 7]                   # slot i holds seqs[i][:prefill[i]]; 12 is over two bands
+def flat_step(model, cache, tables, seqs, starts, lengths) -> torch.Tensor:
+    """One flat-batch forward: entry i brings seqs[i][starts[i]:starts[i] + lengths[i]]."""
+    idx = torch.cat([seq[s:s + n] for seq, s, n in zip(seqs, starts, lengths)])[None]
     with torch.no_grad():
-        for slot, (s, n) in enumerate(zip(seqs, prefill)):
-            logits, _ = model(s[None, :n], cache=cache.select([slot]), positions=torch.arange(n)[None])
-            torch.testing.assert_close(logits[0], refs[slot][:n], rtol=0, atol=1e-5)
-        # one decode batch with every row at its own position; rows in another order than slots
-        order = [2, 0, 1]
-        while any(prefill[i] < len(seqs[i]) for i in order):
-            rows = [i for i in order if prefill[i] < len(seqs[i])]
-            idx = torch.stack([seqs[i][prefill[i]:prefill[i] + 1] for i in rows])
-            positions = torch.tensor([[prefill[i]] for i in rows])
-            logits, _ = model(idx, cache=cache.select(rows), positions=positions)
-            for row, i in enumerate(rows):
-                torch.testing.assert_close(logits[row, 0], refs[i][prefill[i]], rtol=0, atol=1e-5)
-                prefill[i] += 1
-        # slot 0 reused by a shorter sequence, prefilled in two chunks (the second longer than the band)
-        reuse = torch.randint(0, cfg.vocab_size, (17,))
-        model(reuse[None, :4], cache=cache.select([0]), positions=torch.arange(4)[None])
-        logits, _ = model(reuse[None, 4:], cache=cache.select([0]), positions=torch.arange(4, 17)[None])
-    torch.testing.assert_close(logits[0], no_cache_logits(model, reuse)[4:], rtol=0, atol=1e-5)
+        return model.lm_head(model.hidden_states(idx, cache.batch(tables, starts, lengths)))[0]
 
 
-def test_banded_layers_cache_only_their_band():
-    dense, banded = tiny(n_layer=4), tiny(n_layer=4, attention="alternating_banded", band_width=8)
-    per_position = 2 * banded.n_embd * 4       # keys and values, fp32
-    assert KVCache.allocate(dense, 3).nbytes == 3 * per_position * 4 * 64
-    assert KVCache.allocate(banded, 3).nbytes == 3 * per_position * (2 * 64 + 2 * 8)
-    assert KVCache.slot_bytes(banded, 64, torch.float32) * 3 == KVCache.allocate(banded, 3).nbytes
-    assert KVCache.allocate(banded, 2, max_len=6).nbytes == 2 * per_position * 4 * 6   # a band longer than the cache
-
-
-def test_rows_at_different_positions_share_one_cache():
-    """Continuous batching: each row of the cache advances on its own."""
+@pytest.mark.parametrize("attention", ["dense", "alternating_banded"])
+def test_paged_flat_batches_give_the_full_forward(attention):
+    """Decode steps and prompt chunks of several sequences in one forward, each sequence's blocks
+    scattered over the pool, chunks longer than the band and of different lengths: every token's
+    logits equal the no-cache forward's (fp32, atol 1e-5)."""
     torch.manual_seed(0)
-    cfg = tiny()
+    cfg = tiny(attention=attention, band_width=5, n_layer=4)
     model = GPT(cfg).eval()
-    a, b = torch.randint(0, cfg.vocab_size, (1, 9)), torch.randint(0, cfg.vocab_size, (1, 4))
-    ref_a, _ = model(a)
-    ref_b, _ = model(b)
-    cache = KVCache.allocate(cfg, 2)
-    model(a[:, :8], cache=cache.select([0]), positions=torch.arange(8)[None])
-    model(b[:, :3], cache=cache.select([1]), positions=torch.arange(3)[None])
-    step, _ = model(torch.stack([a[0, 8:9], b[0, 3:4]]), cache=cache, positions=torch.tensor([[8], [3]]))
-    assert torch.allclose(step[0, 0], ref_a[0, -1], atol=1e-5)
-    assert torch.allclose(step[1, 0], ref_b[0, -1], atol=1e-5)
-    # the same step with the rows in the other order reads the cache through a gather
-    fresh = KVCache.allocate(cfg, 2)
-    model(a[:, :8], cache=fresh.select([0]), positions=torch.arange(8)[None])
-    model(b[:, :3], cache=fresh.select([1]), positions=torch.arange(3)[None])
-    swapped, _ = model(torch.stack([b[0, 3:4], a[0, 8:9]]), cache=fresh.select([1, 0]), positions=torch.tensor([[3], [8]]))
-    assert torch.allclose(swapped[0, 0], ref_b[0, -1], atol=1e-5) and torch.allclose(swapped[1, 0], ref_a[0, -1], atol=1e-5)
+    seqs = [torch.randint(0, cfg.vocab_size, (n,)) for n in (40, 31, 23)]
+    refs = [no_cache_logits(model, s) for s in seqs]
+    cache = PagedKVCache.allocate(cfg, num_blocks=30, block_size=4)
+    tables = torch.randperm(30).view(3, 10)          # 10 blocks of 4 positions each, in no order
+    done = [0, 0, 0]
+    # steps as an engine would make them: one-token rows first, then chunks of varying length
+    schedule = [[(0, 12), (1, 3), (2, 7)], [(1, 1), (0, 9), (2, 11)], [(0, 1), (1, 1), (2, 1)],
+                [(2, 1), (0, 17), (1, 20)], [(2, 3)]]
+    for step in schedule:
+        rows = [i for i, _ in step]
+        logits = flat_step(model, cache, tables[rows], [seqs[i] for i in rows], [done[i] for i in rows],
+                           [n for _, n in step])
+        offset = 0
+        for i, n in step:
+            torch.testing.assert_close(logits[offset:offset + n], refs[i][done[i]:done[i] + n], rtol=0, atol=1e-5)
+            offset, done[i] = offset + n, done[i] + n
+    assert done == [39, 25, 23]
+
+
+def test_flat_batch_wants_one_token_rows_first():
+    cfg = tiny()
+    cache = PagedKVCache.allocate(cfg, num_blocks=4, block_size=4)
+    with pytest.raises(ValueError, match="one-token sequences must come first"):
+        cache.batch(torch.zeros(2, 2, dtype=torch.long), [0, 0], [3, 1])
+
+
+def test_paged_cache_sizes():
+    cfg = tiny(n_layer=4)
+    cache = PagedKVCache.allocate(cfg, num_blocks=6, block_size=8)
+    assert cache.num_blocks == 6
+    assert cache.nbytes == 6 * PagedKVCache.block_bytes(cfg, 8, torch.float32) == 6 * 8 * 2 * 4 * cfg.n_embd * 4
 
 
 def test_causality_future_tokens_do_not_change_the_past():
@@ -116,7 +94,7 @@ def test_local_attention_is_dense_banded_attention(T, band):
     from gptstack.model import local_attention
     torch.manual_seed(T)
     q, k, v = (torch.randn(2, 3, T, 8, requires_grad=True) for _ in range(3))
-    mask = attention_mask(torch.arange(T)[None], T, band_width=band)
+    mask = band_mask(T, band)
     dense = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     local = local_attention(q, k, v, band)   # band >= T: one padded block
     torch.testing.assert_close(local, dense, rtol=1e-5, atol=1e-6)
@@ -127,7 +105,7 @@ def test_local_attention_is_dense_banded_attention(T, band):
 
 
 def test_banded_layer_sees_only_its_window():
-    mask = attention_mask(torch.arange(6)[None], 6, band_width=3)[0, 0]
+    mask = band_mask(6, 3)
     expected = torch.tensor([[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0],
                              [0, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 0], [0, 0, 0, 1, 1, 1]], dtype=torch.bool)
     assert torch.equal(mask, expected)
@@ -139,7 +117,7 @@ def test_banded_layer_sees_only_its_window():
     x = torch.randn(1, 12, cfg.n_embd)
     moved = x.clone()
     moved[0, :5] += 1.0                 # outside the window of positions >= 8
-    y, y_moved = attn(x, None, None), attn(moved, None, None)
+    y, y_moved = attn(x), attn(moved)
     assert torch.allclose(y[0, 8:], y_moved[0, 8:], atol=1e-6)
     assert not torch.allclose(y[0, 5:8], y_moved[0, 5:8])
 
@@ -163,9 +141,9 @@ def test_attention_runs_on_a_shard_of_its_heads():
         shard.c_proj = torch.nn.Linear(width, cfg.n_embd)
         shard.c_proj.load_state_dict({"weight": full.c_proj.weight[:, rows], "bias": full.c_proj.bias * (rank == 0)})
         with torch.no_grad():
-            total = total + shard(x, None, None)
+            total = total + shard(x)
     with torch.no_grad():
-        torch.testing.assert_close(total, full(x, None, None), rtol=0, atol=1e-6)
+        torch.testing.assert_close(total, full(x), rtol=0, atol=1e-6)
 
 
 def test_q_k_v_have_projections_of_their_own_and_fused_weights_still_load():

@@ -141,7 +141,7 @@ def cmd_model_info(args) -> None:
     if chosen.batch_tokens:
         print(f"  trained in the paper with batch {chosen.batch_tokens:,} tokens, learning rate {chosen.learning_rate:g} "
               f"({chosen.note})")
-    print(f"  KV cache per token: bf16 {info['kv_cache_bytes_per_token']['bf16'] / 1024:,.1f} KiB (banded layers stop at their band); "
+    print(f"  KV cache per token: bf16 {info['kv_cache_bytes_per_token']['bf16'] / 1024:,.1f} KiB; "
           f"full context: bf16 {info['kv_cache_bytes_full_context']['bf16'] / gib:,.3f} GiB per sequence")
 
 
@@ -248,13 +248,14 @@ def cmd_tune(args) -> None:
 def cmd_generate(args) -> None:
     from .checkpoint import load_model
     from .inference.engine import Engine, EngineConfig
+    from .inference.quantize import prepare_for_decoding
     from .inference.sampling import SamplingParams
     from .runtime import resolve_device, resolve_dtype
     params = dataclass_from_args(SamplingParams, args).validate()
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device) if args.dtype != "auto" else None
     model, tokenizer, _ = load_model(args.checkpoint, device=device, dtype=dtype)
-    engine = Engine(model, tokenizer, EngineConfig(max_batch_size=1, context_shift=True), device)
+    engine = Engine(prepare_for_decoding(model), tokenizer, EngineConfig(max_batch_size=1, context_shift=True), device)
     for sample in range(args.num_samples):
         if args.num_samples > 1:
             print(f"--- sample {sample + 1} ---")
@@ -280,13 +281,22 @@ def print_logprobs(tokenizer, events) -> None:
 
 
 def cmd_export(args) -> None:
+    if args.format == "gguf":
+        from .interop.gguf import export_gguf
+        print(f"wrote {export_gguf(args.checkpoint, args.out, args.gguf_type)}")
+        return
     from .interop.hf import export_hf
     print(f"wrote {export_hf(args.checkpoint, args.out)}")
 
 
 def cmd_import(args) -> None:
+    from pathlib import Path
+    if Path(args.source).suffix == ".gguf" or Path(args.source).is_file():   # a Hugging Face model is a directory
+        from .interop.gguf import import_gguf
+        print(f"wrote {import_gguf(args.source, args.out)}")
+        return
     from .interop.hf import import_hf
-    print(f"wrote {import_hf(args.hf_dir, args.out)}")
+    print(f"wrote {import_hf(args.source, args.out)}")
 
 
 def cmd_serve(args) -> None:
@@ -339,7 +349,7 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         "api_keys_file": {"help": "a file with one accepted key per line"},
         "insecure_no_auth": {"help": "accept requests without a key (not for exposed hosts)"},
         "dtype": {"choices": ["fp32", "bf16", "auto"]},
-        "quantize": {"choices": ["none", "int8"], "help": "int8 weight-only quantization"},
+        "quantize": {"choices": ["none", "int8", "int4"], "help": "weight-only quantization of the matmuls"},
         "max_queue": {"help": "requests waiting beyond the batch before 503"},
         "requests_per_minute": {"help": "per API key; 0 = unlimited"},
         "tokens_per_minute": {"help": "per API key (prompt + max_tokens); 0 = unlimited"},
@@ -401,13 +411,19 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     add_command("generate", "sample text from a checkpoint, streamed; past its context by a context shift",
                 add_generate_flags)
 
+    from .interop.gguf import DEFAULT_WEIGHT_TYPE, WEIGHT_TYPES   # (imports the gguf package only when used)
     p = sub.add_parser("export", help="write a checkpoint in another format")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--format", choices=["hf"], default="hf")
-    p.add_argument("--out", required=True)
+    p.add_argument("--format", choices=["hf", "gguf"], default="hf",
+                   help="hf: a Hugging Face GPT-2 directory; gguf: one file for llama.cpp, Ollama, LM Studio")
+    p.add_argument("--out", required=True, help="a directory (hf) or a .gguf file (gguf)")
+    p.add_argument("--gguf-type", choices=WEIGHT_TYPES, default=DEFAULT_WEIGHT_TYPE,
+                   help=f"gguf: type of the weight matrices (norms, biases, positions stay f32); "
+                        f"default {DEFAULT_WEIGHT_TYPE}")
 
-    p = sub.add_parser("import", help="read a Hugging Face GPT-2 directory into a gptstack checkpoint")
-    p.add_argument("hf_dir")
+    p = sub.add_parser("import", help="read a Hugging Face GPT-2 directory or a GPT-2 .gguf file into a "
+                                      "gptstack checkpoint")
+    p.add_argument("source", help="a Hugging Face GPT-2 directory, or a .gguf file of llama.cpp's gpt2 architecture")
     p.add_argument("--out", required=True)
 
     add_command("serve", "serve a checkpoint behind an OpenAI-compatible HTTP API", add_serve_flags)

@@ -8,6 +8,8 @@ it accepts. The key names of the published NVIDIA-style GPT-3 example configs (`
 
 from __future__ import annotations
 
+import copy
+
 import dataclasses
 import json
 import math
@@ -120,9 +122,10 @@ PRESETS = _presets()
 
 
 def preset(name: str) -> Preset:
+    """A copy of the named preset: callers change its fields freely, the table stays as written."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    return PRESETS[name]
+    return copy.deepcopy(PRESETS[name])
 
 
 # --- Training -----------------------------------------------------------------------------------
@@ -412,7 +415,6 @@ def model_info(cfg: ModelConfig) -> dict[str, Any]:
     fwd_attention = 2 * 2 * d * attended
     fwd = fwd_matmul + fwd_attention
     kv_bytes_per_token = {dt: 2 * L * d * b for dt, b in (("fp32", 4), ("bf16", 2), ("int8", 1))}   # while dense
-    kept_positions = sum(min(T, cfg.band_width) if cfg.layer_is_banded(i) else T for i in range(L))
     return {
         "parameters": params["total"],
         "non_embedding_parameters": params["non_embedding"],
@@ -425,6 +427,7 @@ def model_info(cfg: ModelConfig) -> dict[str, Any]:
         "adamw_state_bytes": 8 * params["total"],
         "grad_bytes_fp32": 4 * params["total"],
         "kv_cache_bytes_per_token": kv_bytes_per_token,
-        # a locally banded layer keeps only its band of positions (a ring; see model.KVCache)
-        "kv_cache_bytes_full_context": {k: v // L * kept_positions for k, v in kv_bytes_per_token.items()},
+        # the engine's paged cache keeps every position of every layer, banded ones too: one block
+        # table serves all layers, which is what lets a cached prefix be shared (see kv_cache.py)
+        "kv_cache_bytes_full_context": {k: v * T for k, v in kv_bytes_per_token.items()},
     }

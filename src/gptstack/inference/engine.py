@@ -1,16 +1,22 @@
 """The inference engine: many requests at once with continuous batching. No HTTP in here.
 
-One background thread owns the model and a preallocated KV cache of ``max_batch_size`` slots.
-Each iteration of its loop:
+One background thread owns the model and a paged KV cache: a pool of blocks of ``block_size``
+positions that requests take as they grow (kv_blocks.py), so concurrency is bounded by tokens in
+flight, not by whole contexts reserved per request, and a prompt prefix already in the cache (a
+shared system prompt) is not computed again. Each iteration of its loop:
 
-1. admits waiting requests into free slots (the waiting queue is bounded: ``submit`` refuses at
-   once when it is full, so callers can answer 429/503 instead of waiting forever);
-2. frees the slots of cancelled requests;
-3. with ``context_shift``, sends a request whose slot is full back to prefill the newest half of
-   its context (otherwise such requests are refused at ``submit``);
-4. runs one chunk (``prefill_chunk`` tokens) of one request's prompt, so a long prompt is spread
-   over several iterations instead of stalling everyone's decoding;
-5. runs one decode step for every request past its prompt, as one batch.
+1. runs queued calls (a classifier's forward over the same weights) and drops cancelled requests;
+2. with ``context_shift``, sends a request whose context is full back to prefill its newest half
+   (otherwise such requests are refused at ``submit``);
+3. admits waiting requests while there are free rows and blocks for their prompts (the waiting
+   queue is bounded: ``submit`` refuses at once when it is full, so callers can answer 429/503);
+4. schedules one forward of at most ``step_tokens`` tokens: one token for every request that is
+   decoding, then prompt chunks, shortest remaining prompt first, in what is left of the budget
+   (vLLM's chunked prefill), so a long prompt never stalls the decoding and a short one never waits
+   behind a long one; a request that finds no free block preempts the newest running one, which
+   will compute its context again later (its earlier blocks are likely still cached);
+5. runs that one forward (kv_cache.py: decode rows and chunks side by side) and samples a token for
+   every request whose context is now all computed.
 
 Requests join and leave the batch between iterations. Outputs go to a per-request
 :class:`RequestHandle`, iterable from threads (``for event in handle``) and from asyncio
@@ -30,9 +36,11 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ..model import GPT, KVCache
+from ..kv_cache import PagedKVCache
+from ..model import GPT
 from ..tokenizer import IncrementalDecoder, Tokenizer
 from .fused import fuse_qkv
+from .kv_blocks import BlockPool
 from .sampling import SamplingParams, apply_penalties, sample
 from .stops import StopMatcher
 
@@ -47,17 +55,22 @@ class EngineStopped(RuntimeError):
 
 @dataclass
 class EngineConfig:
-    max_batch_size: int = 8            # requests decoded together (KV cache slots)
-    max_seq_len: int = 0               # cache length per slot; 0 = the model's context
-    max_queue: int = 64                # requests waiting for a slot before submit() refuses
-    prefill_chunk: int = 256           # prompt tokens per prefill forward
-    kv_cache_memory: int = 0           # bytes for the KV cache; 0 = size it by max_batch_size
+    max_batch_size: int = 8            # requests running at once (decoded together)
+    max_seq_len: int = 0               # longest context of a request; 0 = the model's context
+    max_queue: int = 64                # requests waiting to run before submit() refuses
+    step_tokens: int = 256             # tokens per forward: a token per decoding request + prompt chunks
+    block_size: int = 16               # positions per KV cache block
+    kv_cache_memory: int = 0           # bytes for the KV cache; 0 = max_batch_size full contexts
+    prefix_caching: bool = True        # reuse the cached blocks of a prompt prefix seen before
     context_shift: bool = False        # past max_seq_len, keep the newest half and go on (else refuse)
 
     def validate(self) -> "EngineConfig":
-        for name in ("max_batch_size", "max_queue", "prefill_chunk"):
+        for name in ("max_batch_size", "max_queue", "step_tokens", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.step_tokens < self.max_batch_size:
+            raise ValueError(f"step_tokens ({self.step_tokens}) must be at least max_batch_size "
+                             f"({self.max_batch_size}): every running request decodes one token per step")
         return self
 
 
@@ -98,7 +111,7 @@ class RequestHandle:
         self.submitted_at = time.perf_counter()
 
     def cancel(self) -> None:
-        """Stop generating; the slot and its cache are freed at the engine's next step."""
+        """Stop generating; its row and blocks are freed at the engine's next step."""
         self.cancelled = True
 
     def _push(self, event: TokenEvent) -> None:   # engine thread
@@ -147,22 +160,16 @@ class _Request:
     stop_ids: set[int]
     decoder: IncrementalDecoder
     stops: StopMatcher
-    window: list[int]                        # tokens to prefill into the slot from its position 0
-    offset: int = 0                          # index in prompt + output of the slot's position 0
-    slot: int = -1
-    prefilled: int = 0                       # window tokens already in the cache
+    context: list[int]                       # the tokens at positions 0.. of its cache: prompt + output
+    row: int = -1                            # its row of the penalty state and the block tables
+    blocks: list[int] = field(default_factory=list)
+    names: list[bytes] = field(default_factory=list)   # prefix-cache names of its full blocks
+    computed: int = 0                        # positions of context already in the cache
     output: list[int] = field(default_factory=list)
 
-    @property
-    def next_position(self) -> int:
-        """Where the newest token goes in the slot when it is fed back."""
-        return len(self.prompt) + len(self.output) - 1 - self.offset
-
     def keep_newest(self, length: int) -> None:
-        """Make the last ``length`` tokens of prompt + output the slot's whole context, to prefill again."""
-        sequence = self.prompt + self.output
-        self.offset = max(0, len(sequence) - length)
-        self.window, self.prefilled = sequence[self.offset:], 0
+        """Make the last ``length`` tokens of the context the whole context (a context shift)."""
+        self.context = self.context[-length:]
 
 
 class Engine:
@@ -177,19 +184,24 @@ class Engine:
         self.max_seq_len = min(self.config.max_seq_len or cfg.block_size, cfg.block_size)
         self._shift_keep = max(1, self.max_seq_len // 2)     # context kept by a context shift
         dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-        slots = self.config.max_batch_size
+        block_size = self.config.block_size
+        blocks_per_context = -(-self.max_seq_len // block_size)
+        num_blocks = self.config.max_batch_size * blocks_per_context
         if self.config.kv_cache_memory:
-            per_slot = KVCache.slot_bytes(cfg, self.max_seq_len, dtype)
-            slots = min(slots, self.config.kv_cache_memory // per_slot)
-            if slots < 1:
-                raise ValueError(f"kv_cache_memory {self.config.kv_cache_memory} bytes holds no slot of "
-                                 f"{per_slot} bytes; raise it or lower max_seq_len")
-        self.slots = slots
-        self.cache = KVCache.allocate(cfg, slots, self.max_seq_len, device=self.device, dtype=dtype)
-        # per-slot penalty state: generated-token counts and a "seen" mask (prompt + output)
-        self._counts = torch.zeros(slots, cfg.vocab_size, device=self.device)
-        self._seen = torch.zeros(slots, cfg.vocab_size, dtype=torch.bool, device=self.device)
-        self._free = list(range(slots))
+            num_blocks = self.config.kv_cache_memory // PagedKVCache.block_bytes(cfg, block_size, dtype)
+            if num_blocks < blocks_per_context:
+                raise ValueError(f"kv_cache_memory {self.config.kv_cache_memory} bytes holds {num_blocks} blocks "
+                                 f"of {block_size} positions, less than one context of {self.max_seq_len}; "
+                                 f"raise it or lower max_seq_len")
+        self.cache = PagedKVCache.allocate(cfg, num_blocks, block_size, device=self.device, dtype=dtype)
+        self.blocks = BlockPool(num_blocks, block_size, self.config.prefix_caching)
+        self.slots = self.config.max_batch_size
+        # per running request (by row): its block table, and penalty state: generated-token counts
+        # and a "seen" mask (prompt + output)
+        self._tables = torch.zeros(self.slots, blocks_per_context, dtype=torch.long, device=self.device)
+        self._counts = torch.zeros(self.slots, cfg.vocab_size, device=self.device)
+        self._seen = torch.zeros(self.slots, cfg.vocab_size, dtype=torch.bool, device=self.device)
+        self._free = list(range(self.slots))
         self._active: list[_Request] = []
         self._waiting: collections.deque[_Request] = collections.deque()
         self._calls: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
@@ -254,7 +266,7 @@ class Engine:
 
     @property
     def kv_cache_bytes(self) -> int:
-        """Memory of the KV cache (banded layers keep only their band)."""
+        """Memory of the KV cache's block pool."""
         return self.cache.nbytes
 
     # --- API ------------------------------------------------------------------------------------
@@ -285,7 +297,7 @@ class Engine:
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else {self.tokenizer.eot_id})
         prompt = list(prompt_ids)
         request = _Request(handle, prompt, params, generator, stop_ids, IncrementalDecoder(self.tokenizer),
-                           StopMatcher(params.stop), window=prompt)
+                           StopMatcher(params.stop), context=list(prompt))
         with self._lock:
             if not self._running:
                 raise EngineStopped("the engine is not running")
@@ -345,7 +357,7 @@ class Engine:
                     yield from handle.drain()
         finally:
             if handle is not None:
-                handle.cancel()     # no-op when finished; frees the slot when the caller stopped early
+                handle.cancel()     # no-op when finished; frees the request's blocks when the caller stopped early
 
     def _token_ids(self, prompt: str | list[int]) -> list[int]:
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
@@ -386,19 +398,19 @@ class Engine:
                 self._step()
 
     def _wait_for_work(self) -> bool:
-        """Block until there is something to do (False: shut down), then fill free slots."""
+        """Block until there is something to do (False: shut down), then admit what fits."""
         with self._lock:
             while self._running and not self._waiting and not self._active and not self._calls:
                 self._lock.wait(timeout=0.5)   # a timeout lets a main thread run its signal handlers
             if not self._running:
                 return False
-            while self._waiting and self._free:
-                self._admit(self._waiting.popleft())
+            while self._waiting and self._free and self._admit(self._waiting[0]):
+                self._waiting.popleft()
             self._lock.notify_all()     # room in the queue for blocked submitters
             return True
 
     def _step(self) -> None:
-        """One iteration: queued calls, drop cancelled requests, one prefill chunk, one decode step for all."""
+        """One iteration: queued calls, drop cancelled requests, then one forward for everyone."""
         while self._calls:
             fn, future = self._calls.popleft()
             if future.set_running_or_notify_cancel():
@@ -409,54 +421,128 @@ class Engine:
         for request in [r for r in self._active if r.handle.cancelled]:
             self._finish(request, "cancelled")
         if self.config.context_shift:
-            self._shift_full_contexts()
-        prefilling = [r for r in self._active if r.prefilled < len(r.window)]
-        if prefilling:
-            self._prefill(prefilling[0])
-        decoding = [r for r in self._active if r.prefilled == len(r.window) and r.output]
-        if decoding:
-            self._decode(decoding)
+            for request in self._active:
+                if len(request.context) > self.max_seq_len:
+                    self._shift(request)
+        plan = self._schedule()
+        if plan:
+            self._forward(plan)
         self.stats["steps"] += 1
 
-    def _shift_full_contexts(self) -> None:
-        """Requests whose next token has no room left in their slot keep the newest half of their
-        context and prefill it again; the next token is then sampled from that prefill."""
-        for request in self._active:
-            if request.next_position == self.max_seq_len:
-                self._shift(request)
-
     def _shift(self, request: _Request) -> None:
+        """Keep the newest half of a full context and compute it again (its next token is sampled
+        from that); the old blocks stay in the prefix cache for whoever shares them."""
+        self.blocks.release(request.blocks)
         request.keep_newest(self._shift_keep)
+        self._attach_cached_prefix(request)
         self.stats["context_shifts"] += 1
 
-    def _admit(self, request: _Request) -> None:
-        request.slot = self._free.pop(0)
-        if len(request.prompt) > self.max_seq_len:     # only with context_shift: check() refuses it otherwise
-            self._shift(request)
+    def _attach_cached_prefix(self, request: _Request) -> None:
+        """Give the request the cached blocks of its context's longest cached prefix (at least its
+        last token is left to compute: its logits give the next token)."""
+        request.blocks, request.names = self.blocks.match(request.context[:-1])
+        request.computed = len(request.blocks) * self.blocks.block_size
+        self._tables[request.row, :len(request.blocks)] = torch.tensor(request.blocks, dtype=torch.long)
+        self.stats["prefix_cache_hit_tokens"] += request.computed
+
+    def _admit(self, request: _Request) -> bool:
+        """Start a waiting request if a row and the blocks for its context are free (else False:
+        it stays first in line, so admission is first come, first served)."""
+        if len(request.context) > self.max_seq_len:     # only with context_shift: check() refuses it otherwise
+            request.keep_newest(self._shift_keep)
+            self.stats["context_shifts"] += 1
+        request.row = self._free[0]
+        self._attach_cached_prefix(request)
+        missing = -(-len(request.context) // self.blocks.block_size) - len(request.blocks)
+        if missing > self.blocks.available:
+            self.blocks.release(request.blocks)
+            self.stats["prefix_cache_hit_tokens"] -= request.computed
+            request.blocks, request.names, request.computed = [], [], 0
+            return False
+        self._free.pop(0)
         if request.params.has_penalties:
-            self._counts[request.slot].zero_()
-            self._seen[request.slot].zero_()
-            self._seen[request.slot, torch.tensor(request.prompt, device=self.device)] = True
+            self._counts[request.row].zero_()
+            self._seen[request.row].zero_()
+            self._seen[request.row, torch.tensor(request.prompt + request.output, device=self.device)] = True
+            if request.output:   # a preempted request: its counts so far
+                self._counts[request.row].index_add_(0, torch.tensor(request.output, device=self.device),
+                                                     torch.ones(len(request.output), device=self.device))
         self._active.append(request)
+        return True
 
-    def _prefill(self, request: _Request) -> None:
-        start = request.prefilled
-        chunk = request.window[start:start + self.config.prefill_chunk]
-        idx = torch.tensor([chunk], device=self.device)
-        positions = torch.arange(start, start + len(chunk), device=self.device)[None]
-        logits, _ = self.model(idx, cache=self.cache.select([request.slot]), positions=positions, last_only=True)
-        request.prefilled += len(chunk)
-        self.stats["prompt_tokens"] += len(chunk)
-        if request.prefilled == len(request.window):
-            self._emit([request], logits[:, -1])
+    def _schedule(self) -> list[tuple[_Request, int]]:
+        """This step's work, as (request, tokens to compute) within ``step_tokens``: one token for
+        each decoding request, then prompt chunks, shortest remaining first. One-token entries
+        come first (the order kv_cache.PagedBatch wants)."""
+        budget = self.config.step_tokens
+        pending = sorted(self._active, key=lambda r: len(r.context) - r.computed > 1 and len(r.context) - r.computed)
+        plan: list[tuple[_Request, int]] = []
+        for request in pending:
+            if budget == 0:
+                break
+            if request not in self._active:    # preempted for a request planned before it
+                continue
+            count = min(len(request.context) - request.computed, budget)
+            if self._reserve(request, request.computed + count, planned=[r for r, _ in plan]):
+                plan.append((request, count))
+                budget -= count
+        plan.sort(key=lambda entry: entry[1] != 1)
+        return plan
 
-    def _decode(self, batch: list[_Request]) -> None:
-        idx = torch.tensor([[r.output[-1]] for r in batch], device=self.device)
-        positions = torch.tensor([[r.next_position] for r in batch], device=self.device)
-        logits, _ = self.model(idx, cache=self.cache.select([r.slot for r in batch]), positions=positions,
-                               last_only=True)
+    def _reserve(self, request: _Request, positions: int, planned: list[_Request]) -> bool:
+        """Blocks for the request's first ``positions`` positions, preempting the newest running
+        requests not planned this step if the pool runs dry; False if even that is not enough."""
+        while len(request.blocks) * self.blocks.block_size < positions:
+            block = self.blocks.allocate()
+            if block is None:
+                victims = [r for r in self._active if r is not request and r not in planned]
+                if not victims:
+                    return False
+                self._preempt(victims[-1])
+                continue
+            self._tables[request.row, len(request.blocks)] = block
+            request.blocks.append(block)
+        return True
+
+    def _preempt(self, request: _Request) -> None:
+        """Send a running request back to the head of the queue; it keeps its output and computes its
+        context again when readmitted (through the prefix cache, mostly)."""
+        self._active.remove(request)
+        self.blocks.release(request.blocks)
+        self._free.append(request.row)
+        self._free.sort()
+        request.blocks, request.names, request.computed = [], [], 0
+        with self._lock:
+            self._waiting.appendleft(request)
+        self.stats["preempted"] += 1
+
+    def _forward(self, plan: list[tuple[_Request, int]]) -> None:
+        """One forward over every planned token; then a token for each request now fully computed."""
+        tokens = [t for request, count in plan for t in request.context[request.computed:request.computed + count]]
+        rows = torch.tensor([request.row for request, _ in plan], device=self.device)
+        batch = self.cache.batch(self._tables[rows], [r.computed for r, _ in plan], [n for _, n in plan])
+        hidden = self.model.hidden_states(torch.tensor([tokens], device=self.device), batch)[0]
+        done, last_tokens, end = [], [], 0
+        for request, count in plan:
+            end += count
+            if not request.output or count > 1:
+                self.stats["prompt_tokens"] += count
+            request.computed += count
+            self._name_full_blocks(request)
+            if request.computed == len(request.context):
+                done.append(request)
+                last_tokens.append(end - 1)
         self.stats["decode_steps"] += 1
-        self._emit(batch, logits[:, -1])
+        if done:
+            self._emit(done, self.model.lm_head(hidden[torch.tensor(last_tokens, device=self.device)]))
+
+    def _name_full_blocks(self, request: _Request) -> None:
+        """Put the request's newly filled blocks into the prefix cache under their chain names."""
+        size = self.blocks.block_size
+        while len(request.names) < request.computed // size:
+            i = len(request.names)
+            parent = request.names[-1] if request.names else b""
+            request.names.append(self.blocks.name(request.blocks[i], parent, request.context[i * size:(i + 1) * size]))
 
     def _emit(self, batch: list[_Request], logits: torch.Tensor) -> None:
         """Sample one token for each request of the batch and hand it to its consumer."""
@@ -467,7 +553,7 @@ class Engine:
         penalised = torch.tensor([i for i, p in enumerate(params) if p.has_penalties], dtype=torch.long,
                                  device=self.device)
         if len(penalised):
-            rows = torch.tensor([r.slot for r in batch], device=self.device)
+            rows = torch.tensor([r.row for r in batch], device=self.device)
             f = lambda name: torch.tensor([getattr(p, name) for p in params], device=self.device)
             logits = apply_penalties(logits, self._counts[rows], self._seen[rows], f("presence_penalty"),
                                      f("frequency_penalty"), f("repetition_penalty"))
@@ -492,6 +578,7 @@ class Engine:
 
     def _advance(self, request: _Request, token: int, logprob, top) -> None:
         request.output.append(token)
+        request.context.append(token)
         if token in request.stop_ids:
             self._finish(request, "stop", self._drain(request))
             return
@@ -510,10 +597,12 @@ class Engine:
         return piece if stopped else piece + request.stops.flush()
 
     def _finish(self, request: _Request, reason: str, text: str = "", token=None, logprob=None, top=None) -> None:
-        """Send the last event and free the request's slot."""
+        """Send the last event and free the request's row and blocks."""
         if request in self._active:
             self._active.remove(request)
-            self._free.append(request.slot)
+            self.blocks.release(request.blocks)
+            request.blocks = []
+            self._free.append(request.row)
             self._free.sort()
         elif request in self._waiting:
             self._waiting.remove(request)

@@ -1,68 +1,66 @@
-"""int8 quantization of the matmul weights for serving.
+"""The serving weights: every matmul of the transformer blocks and the LM head in fp32, bf16, int8 or int4.
 
-Every matmul weight of the transformer blocks and the LM head becomes int8 with one scale per
-output channel (symmetric), q, k and v fused into one matmul first (fused.py). The token embedding
-keeps its precision for lookups; the LM head gets its own int8 copy.
+:func:`prepare_weights` fuses q, k and v into one matmul first (fused.py), then swaps each linear
+layer for a :class:`~gptstack.inference.kernels.DecodeLinear` holding its weight in the chosen
+format: on the CPU packed for our decode kernels (kernels.py), elsewhere (CUDA) as PyTorch tensors
+dequantized into the activations' dtype per call. int8 is weight-only with one scale per output
+channel; int4 has one scale per 32 inputs (llama.cpp's q4_0). Activations stay in the model's dtype.
+The token embedding keeps its precision for lookups; the LM head gets its own copy in the format.
 
-- On CPU, PyTorch's dynamic quantization (fbgemm / onednn kernels) also quantizes each matmul's
-  activations on the fly, so the matmul itself runs in int8: measured 5.8x the fp32 decode rate of
-  GPT-2 124M on this project's 2-core AVX-512 machine (docs/benchmarks.md).
-- Elsewhere (CUDA), :class:`Int8Linear` keeps weights in int8 and dequantizes them into the
-  compute dtype per call: a quarter of the weight memory, activations untouched.
+On the CPU the layers are then calibrated: each shape times its paths (kernel, ``F.linear``, ...)
+at a few batch sizes and keeps the fastest per size; the report goes to the ``gptstack.kernels`` log.
 """
 
 from __future__ import annotations
 
-import warnings
+import logging
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..model import GPT
 from .fused import fuse_qkv
+from .kernels import FORMATS, DecodeLinear, calibrate
+
+log = logging.getLogger("gptstack.kernels")
 
 
-class Int8Linear(nn.Module):
-    """Weight-only int8 linear layer (per-output-channel absmax scales)."""
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        weight = linear.weight.detach().float()
-        scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-        self.register_buffer("weight", torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scale", scale)
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
-        return out if self.bias is None else out + self.bias.to(out.dtype)
-
-
-def _untie_head(model: GPT) -> None:
-    head = nn.Linear(model.config.n_embd, model.config.vocab_size, bias=False,
-                     device=model.lm_head.weight.device, dtype=model.lm_head.weight.dtype)
-    head.weight = nn.Parameter(model.transformer.wte.weight.detach().clone())
-    model.lm_head = head
-
-
-def quantize_int8(model: GPT) -> GPT:
-    """Quantize the model's matmul weights to int8 in place; returns the model (inference only)."""
+def prepare_weights(model: GPT, weights: str, calibrate_paths: bool = True) -> GPT:
+    """Put the model's matmul weights in ``weights`` (one of fp32, bf16, int8, int4) in place, for
+    inference only; returns the model. ``calibrate_paths``: measure each layer's paths by batch size
+    (CPU, a few seconds for GPT-2 124M); otherwise the kernels take every batch size."""
+    if weights not in FORMATS:
+        raise ValueError(f"weights must be one of {', '.join(FORMATS)}, got {weights!r}")
     model = fuse_qkv(model.eval())
-    _untie_head(model)
-    if model.lm_head.weight.device.type == "cpu":
-        if model.lm_head.weight.dtype != torch.float32:
-            raise ValueError("int8 on the CPU runs with fp32 activations; load the weights as fp32 (--dtype fp32)")
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-        with warnings.catch_warnings():   # torch.ao announces its move to torchao; the API is current in 2.x
-            warnings.simplefilter("ignore")
-            quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
-        return model
     for block in model.transformer.h:
         for layer in (block.attn, block.mlp):
             for name, child in list(layer.named_children()):
-                if isinstance(child, nn.Linear):
-                    setattr(layer, name, Int8Linear(child))
-    model.lm_head = Int8Linear(model.lm_head)
+                if type(child) is nn.Linear:     # LoRA layers kept apart stay as they are
+                    setattr(layer, name, DecodeLinear(child, weights))
+    model.lm_head = DecodeLinear(model.lm_head, weights)     # its own copy: the embedding stays as it is
+    if calibrate_paths and model.lm_head.weight.device.type == "cpu":
+        log.info("%s", calibrate(model))
     return model
+
+
+def prepare_for_decoding(model: GPT, quantize: str = "none") -> GPT:
+    """The weights ``gptstack serve`` and ``generate`` decode with: ``quantize`` (int8, int4) if
+    asked; otherwise, on the CPU, the model's own dtype through our kernels (they stream weights at
+    about the memory bandwidth where PyTorch's kernels reach less than half of it); elsewhere the
+    model as it is."""
+    if quantize != "none":
+        return prepare_weights(model, quantize)
+    dtype = model.lm_head.weight.dtype
+    if model.lm_head.weight.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
+        return prepare_weights(model, "fp32" if dtype == torch.float32 else "bf16")
+    return model
+
+
+def quantize_int8(model: GPT) -> GPT:
+    """int8 weight-only quantization in place (see :func:`prepare_weights`)."""
+    return prepare_weights(model, "int8")
+
+
+def quantize_int4(model: GPT) -> GPT:
+    """int4 weight-only quantization in place, one scale per 32 inputs (see :func:`prepare_weights`)."""
+    return prepare_weights(model, "int4")

@@ -21,7 +21,12 @@ class ServerMetrics:
                              buckets=LATENCY_BUCKETS, registry=r)
         Gauge("gptstack_queue_depth", "requests waiting for a batch slot", registry=r).set_function(lambda: engine.queue_depth)
         Gauge("gptstack_batch_size", "requests in the running batch", registry=r).set_function(lambda: engine.batch_size)
-        Gauge("gptstack_batch_slots", "KV cache slots (maximum batch size)", registry=r).set_function(lambda: engine.slots)
+        Gauge("gptstack_batch_slots", "requests that may run at once (maximum batch size)",
+              registry=r).set_function(lambda: engine.slots)
+        Gauge("gptstack_kv_cache_blocks", "blocks in the paged KV cache", registry=r).set_function(
+            lambda: engine.cache.num_blocks)
+        Gauge("gptstack_kv_cache_blocks_free", "KV cache blocks free or holding only cached prefixes",
+              registry=r).set_function(lambda: engine.blocks.available)
 
         r.register(EngineCounters(engine))
 
@@ -37,8 +42,10 @@ class EngineCounters:
     never sees finish, such as those cancelled after their client left)."""
 
     NAMES = {"requests": "requests submitted to the engine", "prompt_tokens": "prompt tokens prefilled",
-             "generated_tokens": "tokens generated", "decode_steps": "batched decode forward passes",
-             "cancelled": "requests cancelled (client gone or cancelled)"}
+             "generated_tokens": "tokens generated", "decode_steps": "forward passes (decode rows and prompt chunks together)",
+             "cancelled": "requests cancelled (client gone or cancelled)",
+             "prefix_cache_hit_tokens": "prompt tokens found in the prefix cache, not computed",
+             "preempted": "running requests sent back to the queue for want of KV cache blocks"}
 
     def __init__(self, engine: Engine):
         self.engine = engine

@@ -14,7 +14,7 @@ import torch
 from ..checkpoint import attach_head, load_model
 from ..heads import SequenceClassifier
 from ..inference.engine import Engine, EngineConfig
-from ..inference.quantize import quantize_int8
+from ..inference.quantize import prepare_for_decoding
 from ..runtime import resolve_device, resolve_dtype, tune_allocator
 from ..chat import DEFAULT_CHAT_TEMPLATE
 from .app import ServeConfig, create_app
@@ -34,11 +34,14 @@ class ServeOptions:
     insecure_no_auth: bool = False
     device: str = "auto"
     dtype: str = "fp32"                  # weights: fp32 | bf16
-    quantize: str = "none"               # none | int8
-    max_batch_size: int = 8
+    quantize: str = "none"               # none | int8 | int4 (weight-only)
+    max_batch_size: int = 16
     max_queue: int = 64
     max_seq_len: int = 0
+    step_tokens: int = 256
+    block_size: int = 16
     kv_cache_memory: int = 0
+    prefix_caching: bool = True
     requests_per_minute: int = 0
     tokens_per_minute: int = 0
     max_body_bytes: int = 1 << 20
@@ -54,14 +57,15 @@ def build_engine(options: ServeOptions) -> tuple[Engine, dict, SequenceClassifie
     """The engine over the checkpoint's model, the checkpoint's config.json, and its classifier
     (sharing the engine's weights) when the checkpoint has a classification head."""
     device = resolve_device(options.device)
-    if options.quantize not in ("none", "int8"):
-        raise ValueError(f"quantize must be 'none' or 'int8', got {options.quantize!r}")
+    if options.quantize not in ("none", "int8", "int4"):
+        raise ValueError(f"quantize must be 'none', 'int8' or 'int4', got {options.quantize!r}")
     dtype = resolve_dtype(options.dtype, device)
     model, tokenizer, checkpoint_config = load_model(options.checkpoint, device=device, dtype=dtype)
-    if options.quantize == "int8":
-        model = quantize_int8(model)
+    model = prepare_for_decoding(model, options.quantize)
     config = EngineConfig(max_batch_size=options.max_batch_size, max_queue=options.max_queue,
-                          max_seq_len=options.max_seq_len, kv_cache_memory=options.kv_cache_memory)
+                          max_seq_len=options.max_seq_len, step_tokens=options.step_tokens,
+                          block_size=options.block_size, kv_cache_memory=options.kv_cache_memory,
+                          prefix_caching=options.prefix_caching)
     classifier = attach_head(model, options.checkpoint, checkpoint_config)
     return Engine(model, tokenizer, config, device=device), checkpoint_config, classifier
 
