@@ -181,6 +181,20 @@ def metric(server, name: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
+def test_a_repeated_prompt_prefix_comes_from_the_prefix_cache(server):
+    """Two requests sharing a long prompt over HTTP: the second finds the first's full KV blocks
+    cached (the counter grows by at least all but the last block), and answers the same text."""
+    prompt = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 3
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 4, "temperature": 0}
+    first = httpx.post(server.url + "/v1/completions", json=body, headers=server.headers, timeout=60).json()
+    before = metric(server, "gptstack_engine_prefix_cache_hit_tokens_total")
+    second = httpx.post(server.url + "/v1/completions", json=body, headers=server.headers, timeout=60).json()
+    hits = metric(server, "gptstack_engine_prefix_cache_hit_tokens_total") - before
+    assert hits >= first["usage"]["prompt_tokens"] - 2 * 16 and hits % 16 == 0
+    assert second["choices"][0]["text"] == first["choices"][0]["text"]
+    assert metric(server, "gptstack_kv_cache_blocks_free") <= metric(server, "gptstack_kv_cache_blocks")
+
+
 def wait_for(predicate, seconds=20.0):
     deadline = time.time() + seconds
     while time.time() < deadline:

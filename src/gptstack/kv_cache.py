@@ -74,10 +74,10 @@ class PagedBatch:
         if any(n != 1 for n in lengths[:self.decodes]):
             raise ValueError("one-token sequences must come first in a flat batch")
         self.tokens = sum(lengths)
-        positions = torch.cat([torch.arange(s, s + n, device=device) for s, n in zip(starts, lengths)])
+        # built from Python lists in one go: a few small tensors per step, not a few per sequence
+        positions = torch.tensor([p for s, n in zip(starts, lengths) for p in range(s, s + n)], device=device)
+        owner = torch.tensor([i for i, n in enumerate(lengths) for _ in range(n)], device=device)
         self.positions = positions[None]                                           # [1, N], for the embeddings
-        owner = torch.repeat_interleave(torch.arange(len(lengths), device=device),
-                                        torch.tensor(lengths, device=device))
         self.write_slots = _slots(tables[owner], positions[:, None], bs)[:, 0]   # [N]
         self.groups = []
         if self.decodes:        # one query each, at position start
@@ -142,4 +142,4 @@ class PagedBatch:
             group_q = padded[token_index].transpose(1, 2)                     # [P, H, T, D]
             y = F.scaled_dot_product_attention(group_q, keys, values, attn_mask=self._mask(group, band_width, q.dtype))
             outputs.append(y.transpose(1, 2)[valid])
-        return torch.cat(outputs).transpose(0, 1)[None]
+        return (outputs[0] if len(outputs) == 1 else torch.cat(outputs)).transpose(0, 1)[None]

@@ -56,16 +56,16 @@ class ServeOptions:
 def build_engine(options: ServeOptions) -> tuple[Engine, dict, SequenceClassifier | None]:
     """The engine over the checkpoint's model, the checkpoint's config.json, and its classifier
     (sharing the engine's weights) when the checkpoint has a classification head."""
+    config = EngineConfig(max_batch_size=options.max_batch_size, max_queue=options.max_queue,
+                          max_seq_len=options.max_seq_len, step_tokens=options.step_tokens,
+                          block_size=options.block_size, kv_cache_memory=options.kv_cache_memory,
+                          prefix_caching=options.prefix_caching).validate()   # before the slow part
     device = resolve_device(options.device)
     if options.quantize not in ("none", "int8", "int4"):
         raise ValueError(f"quantize must be 'none', 'int8' or 'int4', got {options.quantize!r}")
     dtype = resolve_dtype(options.dtype, device)
     model, tokenizer, checkpoint_config = load_model(options.checkpoint, device=device, dtype=dtype)
     model = prepare_for_decoding(model, options.quantize)
-    config = EngineConfig(max_batch_size=options.max_batch_size, max_queue=options.max_queue,
-                          max_seq_len=options.max_seq_len, step_tokens=options.step_tokens,
-                          block_size=options.block_size, kv_cache_memory=options.kv_cache_memory,
-                          prefix_caching=options.prefix_caching)
     classifier = attach_head(model, options.checkpoint, checkpoint_config)
     return Engine(model, tokenizer, config, device=device), checkpoint_config, classifier
 
