@@ -183,6 +183,20 @@ def test_a_full_pool_preempts_and_every_request_still_gets_its_tokens(tiny_check
     assert [c.token_ids for c in together] == [alone.generate([p], params)[0].token_ids for p in prompts]
 
 
+def test_admission_counts_the_blocks_promised_to_requests_admitted_before(tiny_checkpoint):
+    """Three prompts of 7 blocks each and a pool of 10: one runs at a time instead of all three being
+    admitted against the same free blocks and then preempting one another."""
+    model, tok, _ = load_model(tiny_checkpoint)
+    block_bytes = 2 * model.config.n_layer * 8 * model.config.n_embd * 4
+    engine = Engine(model, tok, EngineConfig(max_batch_size=3, max_seq_len=64, step_tokens=64, block_size=8,
+                                             kv_cache_memory=10 * block_bytes, prefix_caching=False))
+    prompts = [[(11 * i + 5 * j) % 5000 for j in range(53)] for i in range(3)]
+    params = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
+    together = engine.generate(prompts, params)
+    assert engine.stats["preempted"] == 0
+    assert [c.token_ids for c in together] == [engine.generate([p], params)[0].token_ids for p in prompts]
+
+
 def test_a_short_prompt_does_not_wait_behind_a_long_one_nor_does_decoding(tiny_checkpoint):
     """Chunked prefill: while a long prompt is prefilled over many steps, a request already decoding
     gets a token every step, and a short prompt submitted after the long one finishes first."""

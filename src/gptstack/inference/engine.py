@@ -5,16 +5,20 @@ positions that requests take as they grow (kv_blocks.py), so concurrency is boun
 flight, not by whole contexts reserved per request, and a prompt prefix already in the cache (a
 shared system prompt) is not computed again. Each iteration of its loop:
 
-1. runs queued calls (a classifier's forward over the same weights) and drops cancelled requests;
-2. with ``context_shift``, sends a request whose context is full back to prefill its newest half
+1. drops cancelled requests that are still waiting, then admits waiting requests, first come first
+   served, while there are free rows and free blocks for their prompts, counting the blocks those
+   admitted before them will take (the waiting queue is bounded: ``submit`` refuses at once when it
+   is full, so callers can answer 429/503);
+2. runs queued calls (a classifier's forward over the same weights) and drops cancelled running
+   requests;
+3. with ``context_shift``, sends a request whose context is full back to compute its newest half
    (otherwise such requests are refused at ``submit``);
-3. admits waiting requests while there are free rows and blocks for their prompts (the waiting
-   queue is bounded: ``submit`` refuses at once when it is full, so callers can answer 429/503);
 4. schedules one forward of at most ``step_tokens`` tokens: one token for every request that is
    decoding, then prompt chunks, shortest remaining prompt first, in what is left of the budget
-   (vLLM's chunked prefill), so a long prompt never stalls the decoding and a short one never waits
-   behind a long one; a request that finds no free block preempts the newest running one, which
-   will compute its context again later (its earlier blocks are likely still cached);
+   (vLLM's chunked prefill), so a long prompt never stalls the decoding and a short running one
+   never waits behind a long one; a request that finds no free block preempts the newest running
+   request not scheduled yet this step, which will compute its context again later (its earlier
+   blocks are likely still cached);
 5. runs that one forward (kv_cache.py: decode rows and chunks side by side) and samples a token for
    every request whose context is now all computed.
 
@@ -404,7 +408,14 @@ class Engine:
                 self._lock.wait(timeout=0.5)   # a timeout lets a main thread run its signal handlers
             if not self._running:
                 return False
-            while self._waiting and self._free and self._admit(self._waiting[0]):
+            for request in [r for r in self._waiting if r.handle.cancelled]:
+                self._finish(request, "cancelled")
+            promised = 0      # blocks the requests admitted in this pass will take for their prompts
+            while self._waiting and self._free:
+                missing = self._admit(self._waiting[0], self.blocks.available - promised)
+                if missing is None:
+                    break
+                promised += missing
                 self._waiting.popleft()
             self._lock.notify_all()     # room in the queue for blocked submitters
             return True
@@ -435,6 +446,7 @@ class Engine:
         self.blocks.release(request.blocks)
         request.keep_newest(self._shift_keep)
         self._attach_cached_prefix(request)
+        self.stats["prefix_cache_hit_tokens"] += request.computed
         self.stats["context_shifts"] += 1
 
     def _attach_cached_prefix(self, request: _Request) -> None:
@@ -443,22 +455,21 @@ class Engine:
         request.blocks, request.names = self.blocks.match(request.context[:-1])
         request.computed = len(request.blocks) * self.blocks.block_size
         self._tables[request.row, :len(request.blocks)] = torch.tensor(request.blocks, dtype=torch.long)
-        self.stats["prefix_cache_hit_tokens"] += request.computed
 
-    def _admit(self, request: _Request) -> bool:
-        """Start a waiting request if a row and the blocks for its context are free (else False:
-        it stays first in line, so admission is first come, first served)."""
+    def _admit(self, request: _Request, free_blocks: int) -> int | None:
+        """Start a waiting request if a row and the blocks for its context are free; returns how
+        many blocks it still has to take (None: it stays first in line, so admission is first come,
+        first served)."""
         if len(request.context) > self.max_seq_len:     # only with context_shift: check() refuses it otherwise
             request.keep_newest(self._shift_keep)
             self.stats["context_shifts"] += 1
         request.row = self._free[0]
         self._attach_cached_prefix(request)
         missing = -(-len(request.context) // self.blocks.block_size) - len(request.blocks)
-        if missing > self.blocks.available:
+        if missing > free_blocks:
             self.blocks.release(request.blocks)
-            self.stats["prefix_cache_hit_tokens"] -= request.computed
             request.blocks, request.names, request.computed = [], [], 0
-            return False
+            return None
         self._free.pop(0)
         if request.params.has_penalties:
             self._counts[request.row].zero_()
@@ -468,7 +479,8 @@ class Engine:
                 self._counts[request.row].index_add_(0, torch.tensor(request.output, device=self.device),
                                                      torch.ones(len(request.output), device=self.device))
         self._active.append(request)
-        return True
+        self.stats["prefix_cache_hit_tokens"] += request.computed
+        return missing
 
     def _schedule(self) -> list[tuple[_Request, int]]:
         """This step's work, as (request, tokens to compute) within ``step_tokens``: one token for
@@ -538,6 +550,8 @@ class Engine:
 
     def _name_full_blocks(self, request: _Request) -> None:
         """Put the request's newly filled blocks into the prefix cache under their chain names."""
+        if not self.blocks.prefix_caching:
+            return
         size = self.blocks.block_size
         while len(request.names) < request.computed // size:
             i = len(request.names)

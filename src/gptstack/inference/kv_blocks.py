@@ -1,6 +1,6 @@
 """Who owns which block of the paged KV cache, and the prefix cache over them.
 
-A block holds ``block_size`` consecutive positions of one sequence (model/kv_cache.py). Blocks are
+A block holds ``block_size`` consecutive positions of one sequence (kv_cache.py, in the model layer). Blocks are
 reference-counted: a full block is named by a hash of its tokens and of every token before it (a
 chain, as in vLLM), so a new request whose prompt starts with the same tokens takes the same blocks
 instead of computing them again: a shared system prompt is prefilled once. A block nobody uses any
