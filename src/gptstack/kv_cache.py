@@ -78,7 +78,7 @@ class PagedBatch:
         positions = torch.tensor([p for s, n in zip(starts, lengths) for p in range(s, s + n)], device=device)
         owner = torch.tensor([i for i, n in enumerate(lengths) for _ in range(n)], device=device)
         self.positions = positions[None]                                           # [1, N], for the embeddings
-        self.write_slots = _slots(tables[owner], positions[:, None], bs)[:, 0]   # [N]
+        self.write_slots = tables[owner, positions // bs] * bs + positions % bs     # [N]
         self.groups = []
         if self.decodes:        # one query each, at position start
             self.groups.append(self._group(tables[:self.decodes], [s + 1 for s in starts[:self.decodes]]))
@@ -89,11 +89,13 @@ class PagedBatch:
             valid = offsets < torch.tensor(chunk_lengths, device=device)[:, None]                # [P, T]
             first_token = torch.tensor([self.decodes + sum(chunk_lengths[:i]) for i in range(len(chunk_lengths))],
                                        device=device)
-            token_index = torch.where(valid, first_token[:, None] + offsets, self.tokens)      # padding -> row N
+            # a padded query repeats its chunk's last token: computed, then dropped with the padding
+            token_index = torch.minimum(first_token[:, None] + offsets,
+                                        (first_token + torch.tensor(chunk_lengths, device=device) - 1)[:, None])
             q_pos = torch.tensor(chunk_starts, device=device)[:, None] + offsets
             group = self._group(tables[self.decodes:], [s + n for s, n in zip(chunk_starts, chunk_lengths)])
             k_pos = torch.arange(group["key_slots"].shape[1], device=device)
-            group.update(chunks=(token_index, valid), masks={},
+            group.update(chunks=(token_index, valid.flatten().nonzero()[:, 0]), masks={},
                          gap=q_pos[:, None, :, None] - k_pos,         # [S, 1, T, L]: how far back each key is
                          in_sequence=(k_pos < group["key_lengths"][:, None])[:, None, None, :])
             self.groups.append(group)
@@ -137,9 +139,8 @@ class PagedBatch:
                 continue
             keys = k_pool[group["key_slots"]].transpose(1, 2).to(q.dtype)     # [S, H, L, D]
             values = v_pool[group["key_slots"]].transpose(1, 2).to(q.dtype)
-            token_index, valid = group["chunks"]
-            padded = torch.cat([queries, queries.new_zeros(1, *queries.shape[1:])])
-            group_q = padded[token_index].transpose(1, 2)                     # [P, H, T, D]
+            token_index, kept = group["chunks"]
+            group_q = queries[token_index].transpose(1, 2)                    # [P, H, T, D]
             y = F.scaled_dot_product_attention(group_q, keys, values, attn_mask=self._mask(group, band_width, q.dtype))
-            outputs.append(y.transpose(1, 2)[valid])
+            outputs.append(y.transpose(1, 2).flatten(0, 1)[kept])             # the real queries, in order
         return (outputs[0] if len(outputs) == 1 else torch.cat(outputs)).transpose(0, 1)[None]
