@@ -40,7 +40,7 @@ void attend_heads(const PagedAttention& a, int64_t s, int64_t h0, int64_t h1, fl
   const int64_t* slots = a.key_slots + s * a.max_keys + begin;
   const T* k_pool = static_cast<const T*>(a.k_pool) + h0 * d;
   const T* v_pool = static_cast<const T*>(a.v_pool) + h0 * d;
-  const float* q = a.q + (s * a.heads + h0) * d;
+  const float* q = a.q + s * a.q_stride + h0 * d;
   float* out = a.out + (s * a.heads + h0) * d;
   for (int64_t j = 0; j < n; ++j) {
     const T* k = k_pool + slots[j] * slot_stride;

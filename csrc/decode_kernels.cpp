@@ -17,6 +17,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "kernels.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -31,52 +33,6 @@
 #endif
 
 namespace gptstack {
-
-constexpr int kLanes = 16;                       // output channels per panel
-constexpr int kGroupK = 32;                      // K per int4 scale; K is padded to a multiple of it
-constexpr int kPairsPerGroup = kGroupK / 2;
-constexpr int64_t kMinWeightsPerTask = 1 << 16;  // below this a thread costs more than it saves
-
-enum class Format { Fp32, Bf16, Int8, Int4 };
-
-// One call's operands, as the kernels read them.
-struct Call {
-  Format format;
-  const void* panels;           // packed weights
-  const float* group_scales;    // int4: [panels][k_padded / 32][16]
-  const float* channel_scale;   // int8: [n_padded], else null
-  const float* bias;            // [n_padded] or null
-  const void* x;                // [m][x_stride] activations: fp32, or bf16 pairs for vdpbf16ps
-  int64_t x_stride;
-  int64_t m, k_padded, n, n_padded;
-  float* y;                     // [m][n]
-};
-
-// One paged_decode_attention call's operands.
-struct PagedAttention {
-  const float* q;               // [sequences][heads][head_dim]
-  const void* k_pool;           // [slots][heads][head_dim], fp32 or bf16 (bf16 set)
-  const void* v_pool;
-  bool bf16;
-  const int64_t* key_slots;     // [sequences][max_keys]: the pool slot of each key position
-  const int64_t* key_lengths;   // [sequences]: the query sits at position key_lengths[s] - 1
-  int64_t sequences, heads, head_dim, max_keys, band_width;
-  int64_t visible_keys, most_visible;   // over all sequences: the sum and the largest
-  float scale;
-  float* out;                   // [sequences][heads][head_dim]
-};
-
-// The first key a query at position end - 1 sees: all keys, or the last band_width of them.
-inline int64_t visible_begin(int64_t end, int64_t band_width) {
-  return band_width > 0 ? std::max<int64_t>(0, end - band_width) : 0;
-}
-
-inline float bf16_to_float(uint16_t bits) {
-  const uint32_t word = static_cast<uint32_t>(bits) << 16;
-  float f;
-  std::memcpy(&f, &word, sizeof f);
-  return f;
-}
 
 // ---- generic: plain loops the compiler vectorises for the baseline target -------------------------
 namespace generic {
@@ -259,6 +215,10 @@ const Kernels kKernels[] = {
 };
 const Kernels& kernels(Isa isa) { return kKernels[static_cast<int>(isa)]; }
 
+void linear(const Call& call) { kernels(active_isa.load()).linear(call); }
+void paged_attention(const PagedAttention& attention) { kernels(active_isa.load()).paged_attention(attention); }
+bool bf16_dot_active() { return active_isa.load() == Isa::Avx512Bf16; }
+
 std::string isa() { return kIsaNames[static_cast<int>(active_isa.load())]; }
 
 // Use at most `cap` (one of kIsaNames); returns the ISA now in use.
@@ -368,7 +328,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pool,
   const at::Tensor slots = key_slots.contiguous(), lengths = key_lengths.contiguous();
   const at::Tensor q32 = q.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({sequences, heads, head_dim}, q32.options());
-  PagedAttention a{q32.data_ptr<float>(), k_pool.data_ptr(), v_pool.data_ptr(), q.scalar_type() == at::kBFloat16,
+  PagedAttention a{q32.data_ptr<float>(), heads * head_dim, k_pool.data_ptr(), v_pool.data_ptr(), q.scalar_type() == at::kBFloat16,
                    slots.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(), sequences, heads, head_dim,
                    slots.size(1), band_width, 0, 0, static_cast<float>(scale), out.data_ptr<float>()};
   // Every slot the kernel will read is checked here, once, rather than trusted.

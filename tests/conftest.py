@@ -11,6 +11,7 @@ import pytest
 
 from gptstack.config import build_train_config
 from gptstack.data.prepare import prepare
+from gptstack.inference import kernels
 from gptstack.train.pretrain import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -213,3 +214,27 @@ def tiny_classifier(tiny_checkpoint, tmp_path_factory) -> Path:
     data = write_sentiment(work / "sentiment.tsv", 400)
     finetune(build_train_config(overrides=tiny_finetune_overrides(tiny_checkpoint, data, work / "run"), cls=FinetuneConfig))
     return work / "run" / "best"
+
+
+ISAS = ("generic", "avx2", "avx512", "avx512_bf16")   # the kernel copies, least capable first
+
+
+def runnable_isas() -> list[str]:
+    """The kernel copies this machine runs: capping at each gives a distinct one."""
+    if not kernels.available():
+        return []
+    best = kernels.isa()
+    try:
+        return [kernels.select_isa(cap) for cap in ISAS[:ISAS.index(best) + 1]]
+    finally:
+        kernels.select_isa(best)
+
+
+@pytest.fixture()
+def each_isa():
+    """Yields a function that caps the ISA; the best one is restored afterwards."""
+    if not kernels.available():
+        pytest.skip("the kernels are not built")
+    best = kernels.isa()
+    yield kernels.select_isa
+    kernels.select_isa(best)

@@ -16,7 +16,8 @@ from gptstack.inference import kernels
 from gptstack.inference.kernels import FORMATS, DecodeLinear, calibrate, pack, quantize_weight, unpack
 from gptstack.inference.quantize import prepare_weights
 
-ISAS = ("generic", "avx2", "avx512", "avx512_bf16")
+from conftest import runnable_isas
+
 ROWS = (1, 2, 3, 5, 8, 16, 17, 64)
 # (out, in): in not a multiple of 64 (nor of 32), out not a multiple of a panel or a tile, K = 3072
 SHAPES = ((17, 40), (100, 70), (64, 32), (130, 3072), (2304, 768))
@@ -30,27 +31,6 @@ def cpu_flags() -> set[str]:
         return {f for line in open("/proc/cpuinfo") if line.startswith("flags") for f in line.split(":")[1].split()}
     except OSError:
         return set()
-
-
-def runnable_isas() -> list[str]:
-    """The kernel copies this machine runs: capping at each gives a distinct one."""
-    if not kernels.available():
-        return []
-    best = kernels.isa()
-    try:
-        return [kernels.select_isa(cap) for cap in ISAS[:ISAS.index(best) + 1]]
-    finally:
-        kernels.select_isa(best)
-
-
-@pytest.fixture()
-def each_isa():
-    """Yields a function that caps the ISA; the best one is restored afterwards."""
-    if not kernels.available():
-        pytest.skip("the kernels are not built")
-    best = kernels.isa()
-    yield kernels.select_isa
-    kernels.select_isa(best)
 
 
 def oracle(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -43,6 +43,7 @@ import torch
 from ..kv_cache import PagedKVCache
 from ..model import GPT
 from ..tokenizer import IncrementalDecoder, Tokenizer
+from .decode_stack import DecodeStack
 from .fused import fuse_qkv
 from .kv_blocks import BlockPool
 from .sampling import SamplingParams, apply_penalties, sample
@@ -67,6 +68,7 @@ class EngineConfig:
     kv_cache_memory: int = 0           # bytes for the KV cache; 0 = max_batch_size full contexts
     prefix_caching: bool = True        # reuse the cached blocks of a prompt prefix seen before
     context_shift: bool = False        # past max_seq_len, keep the newest half and go on (else refuse)
+    fused_decode: bool = True          # run decode-only steps as one C++ call where the model allows (decode_stack.py)
 
     def validate(self) -> "EngineConfig":
         for name in ("max_batch_size", "max_queue", "step_tokens", "block_size"):
@@ -199,6 +201,7 @@ class Engine:
                                  f"raise it or lower max_seq_len")
         self.cache = PagedKVCache.allocate(cfg, num_blocks, block_size, device=self.device, dtype=dtype)
         self.blocks = BlockPool(num_blocks, block_size, self.config.prefix_caching)
+        self._decode_stack = DecodeStack.of(self.model, self.cache) if self.config.fused_decode else None
         self.slots = self.config.max_batch_size
         # per running request (by row): its block table, and penalty state: generated-token counts
         # and a "seen" mask (prompt + output)
@@ -533,7 +536,12 @@ class Engine:
         tokens = [t for request, count in plan for t in request.context[request.computed:request.computed + count]]
         rows = torch.tensor([request.row for request, _ in plan], device=self.device)
         batch = self.cache.batch(self._tables[rows], [r.computed for r, _ in plan], [n for _, n in plan])
-        hidden = self.model.hidden_states(torch.tensor([tokens], device=self.device), batch)[0]
+        stack = self._decode_stack
+        if stack is not None and batch.decodes == len(plan) <= stack.max_rows:
+            hidden = stack(torch.tensor(tokens, device=self.device), batch)
+            self.stats["fused_decode_steps"] += 1
+        else:
+            hidden = self.model.hidden_states(torch.tensor([tokens], device=self.device), batch)[0]
         done, last_tokens, end = [], [], 0
         for request, count in plan:
             end += count
