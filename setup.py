@@ -21,7 +21,7 @@ else:
     # -Wno-maybe-uninitialized: GCC 12 flags its own _mm512_undefined_* inside the AVX-512 intrinsics.
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
     kernels = CppExtension("gptstack._kernels", ["csrc/decode_kernels.cpp", "csrc/decode_stack.cpp"],
-                           depends=["csrc/kernels.h", "csrc/tile_kernels.h", "csrc/attention_kernels.h"],
+                           depends=["csrc/kernels.h", "csrc/tile_kernels.h", "csrc/int8_dot_kernels.h", "csrc/attention_kernels.h"],
                            extra_compile_args=["-O3", "-Wno-maybe-uninitialized", *openmp],
                            extra_link_args=openmp)
     setup(ext_modules=[kernels], cmdclass={"build_ext": BuildExtension.with_options(use_ninja=False)})

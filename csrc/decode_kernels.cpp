@@ -52,8 +52,8 @@ inline Vec load_bf16(const uint16_t* p) {
   return r;
 }
 inline float reduce_add(Vec a) { float sum = 0; for (int l = 0; l < kLanes; ++l) sum += a.v[l]; return sum; }
-inline void int8_pair(const int8_t* p, Vec& even, Vec& odd) {
-  for (int l = 0; l < kLanes; ++l) { even.v[l] = p[l]; odd.v[l] = p[kLanes + l]; }
+inline void int8_pair(const int8_t* quad, int half, Vec& even, Vec& odd) {
+  for (int l = 0; l < kLanes; ++l) { even.v[l] = quad[4 * l + 2 * half]; odd.v[l] = quad[4 * l + 2 * half + 1]; }
 }
 inline void bf16_pair(const uint16_t* p, Vec& even, Vec& odd) {
   for (int l = 0; l < kLanes; ++l) { even.v[l] = bf16_to_float(p[2 * l]); odd.v[l] = bf16_to_float(p[2 * l + 1]); }
@@ -94,13 +94,6 @@ inline float reduce_add(Vec a) {
   sum4 = _mm_add_ps(sum4, _mm_movehl_ps(sum4, sum4));
   return _mm_cvtss_f32(_mm_add_ss(sum4, _mm_movehdup_ps(sum4)));
 }
-inline __m256 int8x8_to_float(const int8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
-inline void int8_pair(const int8_t* p, Vec& even, Vec& odd) {
-  even = {int8x8_to_float(p), int8x8_to_float(p + 8)};
-  odd = {int8x8_to_float(p + 16), int8x8_to_float(p + 24)};
-}
 inline void bf16_pair(const uint16_t* p, Vec& even, Vec& odd) {
   const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + kLanes));
@@ -118,7 +111,32 @@ inline void int4_pair(const uint8_t* p, Vec& even, Vec& odd) {
   int4x8_pair(p, even.lo, odd.lo);
   int4x8_pair(p + 8, even.hi, odd.hi);
 }
+// int8 dot products without VNNI, as llama.cpp does on AVX2: vpmaddubsw multiplies unsigned by signed
+// bytes, so it gets |w| and x with w's sign; two products of |127| fit its int16 sums.
+constexpr int kInt8DotRows = 1;     // 16 ymm: 2 panels x 2 halves of fp32 and int32 sums + weights
+constexpr int32_t kWeightBias = 0;
+struct IVec { __m256i lo, hi; };
+inline IVec izero() { return {_mm256_setzero_si256(), _mm256_setzero_si256()}; }
+inline IVec iadd_offset(IVec a, int32_t) { return a; }
+inline Vec to_float(IVec a) { return {_mm256_cvtepi32_ps(a.lo), _mm256_cvtepi32_ps(a.hi)}; }
+struct WQuad { __m256i abs_lo, abs_hi, raw_lo, raw_hi; };
+inline WQuad load_quad(const int8_t* p) {
+  const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
+  return {_mm256_abs_epi8(lo), _mm256_abs_epi8(hi), lo, hi};
+}
+inline __m256i dot4_half(__m256i acc, __m256i abs_w, __m256i w, __m256i x) {
+  const __m256i pairs = _mm256_maddubs_epi16(abs_w, _mm256_sign_epi8(x, w));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+inline IVec dot4(IVec acc, const WQuad& w, int32_t x4) {
+  const __m256i x = _mm256_set1_epi32(x4);
+  return {dot4_half(acc.lo, w.abs_lo, w.raw_lo, x), dot4_half(acc.hi, w.abs_hi, w.raw_hi, x)};
+}
+#define GPTSTACK_INT8_DOT
 #include "tile_kernels.h"
+#include "int8_dot_kernels.h"
+#undef GPTSTACK_INT8_DOT
 #include "attention_kernels.h"
 }  // namespace avx2
 #pragma GCC pop_options
@@ -141,12 +159,11 @@ inline void int4_pair(const uint8_t* p, Vec& even, Vec& odd) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(words, 16));                                           \
   }                                                                                                     \
   inline float reduce_add(Vec a) { return _mm512_reduce_add_ps(a); }                                    \
-  inline Vec int8x16_to_float(const int8_t* p) {                                                        \
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))); \
-  }                                                                                                     \
-  inline void int8_pair(const int8_t* p, Vec& even, Vec& odd) {                                         \
-    even = int8x16_to_float(p);                                                                         \
-    odd = int8x16_to_float(p + kLanes);                                                                 \
+  /* k 2 half and 2 half + 1 of a quad ([16][4] bytes): each int32 lane's bytes, sign-extended */      \
+  inline void int8_pair(const int8_t* quad, int half, Vec& even, Vec& odd) {                            \
+    const __m512i words = _mm512_loadu_si512(quad);                                                     \
+    even = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(words, 24 - 16 * half), 24));         \
+    odd = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(words, 16 - 16 * half), 24));          \
   }                                                                                                     \
   inline void bf16_pair(const uint16_t* p, Vec& even, Vec& odd) {                                       \
     const __m512i words = _mm512_loadu_si512(p);                                                        \
@@ -170,12 +187,43 @@ GPTSTACK_AVX512_PRIMITIVES
 }  // namespace avx512
 #pragma GCC pop_options
 
+// AVX512-VNNI: int8 dot products with vpdpbusd (unsigned by signed bytes: the weights get + 128).
+#define GPTSTACK_VNNI_PRIMITIVES                                                                        \
+  constexpr int kInt8DotRows = 3; /* 3 rows x 4 panels of fp32 and int32 sums + a weight quad */       \
+  constexpr int32_t kWeightBias = 128;                                                                  \
+  using IVec = __m512i;                                                                                 \
+  inline IVec izero() { return _mm512_setzero_si512(); }                                                \
+  inline IVec iadd_offset(IVec a, int32_t b) { return _mm512_add_epi32(a, _mm512_set1_epi32(b)); }      \
+  inline Vec to_float(IVec a) { return _mm512_cvtepi32_ps(a); }                                         \
+  using WQuad = __m512i;                                                                                \
+  inline WQuad load_quad(const int8_t* p) {                                                             \
+    return _mm512_xor_si512(_mm512_loadu_si512(p), _mm512_set1_epi32(static_cast<int>(0x80808080u)));  \
+  }                                                                                                     \
+  inline IVec dot4(IVec acc, WQuad w, int32_t x4) { return _mm512_dpbusd_epi32(acc, w, _mm512_set1_epi32(x4)); }
+
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bf16,avx2,fma")
+#pragma GCC target("avx512f,avx512bw,avx512vnni,avx2,fma")
+namespace avx512_vnni {
+GPTSTACK_AVX512_PRIMITIVES
+GPTSTACK_VNNI_PRIMITIVES
+#define GPTSTACK_INT8_DOT
+#include "tile_kernels.h"
+#include "int8_dot_kernels.h"
+#undef GPTSTACK_INT8_DOT
+#include "attention_kernels.h"
+}  // namespace avx512_vnni
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vnni,avx512bf16,avx2,fma")
 namespace avx512_bf16 {
 GPTSTACK_AVX512_PRIMITIVES
+GPTSTACK_VNNI_PRIMITIVES
 #define GPTSTACK_BF16_DOT
+#define GPTSTACK_INT8_DOT
 #include "tile_kernels.h"
+#include "int8_dot_kernels.h"
+#undef GPTSTACK_INT8_DOT
 #undef GPTSTACK_BF16_DOT
 #include "attention_kernels.h"
 }  // namespace avx512_bf16
@@ -184,14 +232,16 @@ GPTSTACK_AVX512_PRIMITIVES
 
 // ---- run-time dispatch ----------------------------------------------------------------------------
 // Ordered from least to most capable; the active one is the best the CPU has, capped by select_isa.
-enum class Isa { Generic, Avx2, Avx512, Avx512Bf16 };
-constexpr const char* kIsaNames[] = {"generic", "avx2", "avx512", "avx512_bf16"};
+enum class Isa { Generic, Avx2, Avx512, Avx512Vnni, Avx512Bf16 };
+constexpr const char* kIsaNames[] = {"generic", "avx2", "avx512", "avx512_vnni", "avx512_bf16"};
+constexpr int kIsaCount = 5;
 
 Isa best_supported_isa() {
 #ifdef GPTSTACK_X86
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f")) {
-    return __builtin_cpu_supports("avx512bf16") ? Isa::Avx512Bf16 : Isa::Avx512;
+    if (!__builtin_cpu_supports("avx512bw") || !__builtin_cpu_supports("avx512vnni")) return Isa::Avx512;
+    return __builtin_cpu_supports("avx512bf16") ? Isa::Avx512Bf16 : Isa::Avx512Vnni;
   }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::Avx2;
 #endif
@@ -210,6 +260,7 @@ const Kernels kKernels[] = {
 #ifdef GPTSTACK_X86
     {avx2::linear, avx2::paged_attention},
     {avx512::linear, avx512::paged_attention},
+    {avx512_vnni::linear, avx512_vnni::paged_attention},
     {avx512_bf16::linear, avx512_bf16::paged_attention},
 #endif
 };
@@ -218,21 +269,22 @@ const Kernels& kernels(Isa isa) { return kKernels[static_cast<int>(isa)]; }
 void linear(const Call& call) { kernels(active_isa.load()).linear(call); }
 void paged_attention(const PagedAttention& attention) { kernels(active_isa.load()).paged_attention(attention); }
 bool bf16_dot_active() { return active_isa.load() == Isa::Avx512Bf16; }
+bool int8_dot_active() { return active_isa.load() != Isa::Generic && active_isa.load() != Isa::Avx512; }
 
 std::string isa() { return kIsaNames[static_cast<int>(active_isa.load())]; }
 
 // Use at most `cap` (one of kIsaNames); returns the ISA now in use.
 std::string select_isa(const std::string& cap) {
   int wanted = -1;
-  for (int i = 0; i < 4; ++i)
+  for (int i = 0; i < kIsaCount; ++i)
     if (cap == kIsaNames[i]) wanted = i;
-  TORCH_CHECK(wanted >= 0, "unknown ISA '", cap, "': expected generic, avx2, avx512 or avx512_bf16");
+  TORCH_CHECK(wanted >= 0, "unknown ISA '", cap, "': expected generic, avx2, avx512, avx512_vnni or avx512_bf16");
   active_isa = static_cast<Isa>(std::min(wanted, static_cast<int>(best_supported_isa())));
   return isa();
 }
 
 // ---- the ops --------------------------------------------------------------------------------------
-// Panels: fp32 and int8 [P, K, 16]; bf16 [P, K/2, 16, 2]; int4 [P, K/2, 16] uint8; P a multiple of 4.
+// Panels: fp32 [P, K, 16]; bf16 [P, K/2, 16, 2]; int8 [P, K/4, 16, 4]; int4 [P, K/2, 16] uint8; P a multiple of 4.
 void check_panels(const at::Tensor& panels, at::ScalarType dtype, int64_t dims) {
   TORCH_CHECK(panels.scalar_type() == dtype && panels.is_contiguous() && panels.dim() == dims &&
                   panels.size(0) % 4 == 0 && panels.size(2) == kLanes,
@@ -295,8 +347,8 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& panels, const std:
 
 at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& panels, const at::Tensor& scale,
                        const std::optional<at::Tensor>& bias, int64_t out_features) {
-  check_panels(panels, at::kChar, 3);
-  return run_linear(Format::Int8, x, panels, nullptr, scale, bias, out_features, panels.size(1));
+  check_panels(panels, at::kChar, 4);
+  return run_linear(Format::Int8, x, panels, nullptr, scale, bias, out_features, panels.size(1) * 4);
 }
 
 at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& panels, const at::Tensor& scales,
@@ -354,6 +406,7 @@ TORCH_LIBRARY(gptstack, m) {
   m.def("paged_decode_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor key_slots, Tensor key_lengths, "
         "int band_width, float scale) -> Tensor", &paged_decode_attention);
   m.def("isa() -> str", &isa);
+  m.def("int8_rounds_activations() -> bool", &int8_dot_active);
   m.def("select_isa(str cap) -> str", &select_isa);
 }
 

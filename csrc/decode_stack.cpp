@@ -66,7 +66,8 @@ struct PackedLinear {
     TORCH_CHECK(panels.is_contiguous() && panels.scalar_type() == dtypes[static_cast<int>(format)] &&
                     panels.size(0) % 4 == 0 && panels.size(2) == kLanes,
                 "panels must be contiguous ", name, " panels from gptstack.inference.kernels.pack");
-    k_padded = (format == Format::Bf16 || format == Format::Int4) ? panels.size(1) * 2 : panels.size(1);
+    const int64_t k_per_row[] = {1, 2, 4, 2};   // k per panels.size(1) entry: fp32, bf16, int8, int4
+    k_padded = panels.size(1) * k_per_row[static_cast<int>(format)];
     n_padded = panels.size(0) * kLanes;
     TORCH_CHECK(in <= k_padded && k_padded - in < kGroupK && out <= n_padded && n_padded - out < 4 * kLanes,
                 "in/out features ", in, "/", out, " do not match the panels");

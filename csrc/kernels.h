@@ -62,5 +62,7 @@ void linear(const Call& call);
 void paged_attention(const PagedAttention& attention);
 // True when bf16 weights meet bf16 activations (vdpbf16ps): Call.x is then bf16 pairs, x_stride k_padded / 2.
 bool bf16_dot_active();
+// True when int8 weights meet int8 activations (integer dot products; int8_dot_kernels.h).
+bool int8_dot_active();
 
 }  // namespace gptstack

@@ -4,7 +4,8 @@
 // `#pragma GCC target`, after defining the ISA's 16-lane float vector `Vec` and its primitives:
 //   zero(), load(const float*), store(float*, Vec), add(Vec, Vec), mul(Vec, Vec),
 //   fmadd(Vec w, float x, Vec acc) and fmadd(Vec w, Vec s, Vec acc) = acc + w * x (or s),
-//   int8_pair / bf16_pair / int4_pair(ptr, Vec& even, Vec& odd): one k pair of a panel as floats,
+//   bf16_pair / int4_pair(ptr, Vec& even, Vec& odd): one k pair of a panel as floats, and
+//   int8_pair(quad, half, Vec& even, Vec& odd) unless GPTSTACK_INT8_DOT (int8_dot_kernels.h) is defined,
 // and the register blocking kTilePanels (panels per tile) and kMaxRows (activation rows per block).
 // With GPTSTACK_BF16_DOT defined, bf16 weights go through vdpbf16ps (activations rounded to bf16).
 // No include guard on purpose: every ISA needs its own copy.
@@ -26,9 +27,9 @@ inline void fp32_pair(const float* p, Vec& even, Vec& odd) {
   odd = load(p + kLanes);
 }
 
-// fp32, bf16 and int8 panels, unpacked to floats by `unpack`, a k pair at 2 * 16 elements:
+// fp32 and bf16 panels, unpacked to floats by `unpack`, a k pair at 2 * 16 elements:
 // fp32 [k_padded][16]; bf16 [k_padded / 2][16][2] (lane j's two k of a pair share one 32-bit word,
-// vdpbf16ps' layout); int8 [k_padded][16], its per-channel scale applied once, in store_rows.
+// vdpbf16ps' layout).
 template <typename T, void (*unpack)(const T*, Vec&, Vec&)>
 struct UnpackedPairs : FloatPairs {
   const T* panels;
@@ -43,7 +44,25 @@ struct UnpackedPairs : FloatPairs {
 };
 using Fp32Weights = UnpackedPairs<float, fp32_pair>;
 using Bf16Weights = UnpackedPairs<uint16_t, bf16_pair>;
-using Int8Weights = UnpackedPairs<int8_t, int8_pair>;
+
+#ifdef GPTSTACK_INT8_DOT
+void int8_dot_linear(const Call& c);   // int8_dot_kernels.h
+#else
+// int8 panel: [k_padded / 4][16][4] (a lane's four k side by side, vpdpbusd's layout), unpacked to
+// floats a k pair at a time by int8_pair(quad, half, ...); the per-channel scale is applied once, in
+// store_rows.
+struct Int8Weights : FloatPairs {
+  const int8_t* panels;
+  int64_t k_padded;
+  struct Group { const int8_t* p; };
+  Group group(int64_t panel, int64_t g) const { return {panels + (panel * k_padded + g * kGroupK) * kLanes}; }
+  Pair pair(const Group& grp, int kk) const {
+    Pair w;
+    int8_pair(grp.p + (kk / 2) * 4 * kLanes, kk % 2, w.even, w.odd);
+    return w;
+  }
+};
+#endif
 
 // int4 panel: [k_padded / 2][16] bytes, low nibble k even, high nibble k odd, each q + 8;
 // scales [panels][k_padded / 32][16]: one per output channel and group of 32 k, applied to the
@@ -176,7 +195,11 @@ void linear(const Call& c) {
     case Format::Bf16:
       return run_tiles(bf16_weights(static_cast<const uint16_t*>(c.panels), c.k_padded), c);
     case Format::Int8:
+#ifdef GPTSTACK_INT8_DOT
+      return int8_dot_linear(c);
+#else
       return run_tiles(Int8Weights{{}, static_cast<const int8_t*>(c.panels), c.k_padded}, c);
+#endif
     case Format::Int4:
       return run_tiles(Int4Weights{{}, static_cast<const uint8_t*>(c.panels), c.group_scales, c.k_padded}, c);
   }

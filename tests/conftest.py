@@ -216,7 +216,7 @@ def tiny_classifier(tiny_checkpoint, tmp_path_factory) -> Path:
     return work / "run" / "best"
 
 
-ISAS = ("generic", "avx2", "avx512", "avx512_bf16")   # the kernel copies, least capable first
+ISAS = ("generic", "avx2", "avx512", "avx512_vnni", "avx512_bf16")   # the kernel copies, least capable first
 
 
 def runnable_isas() -> list[str]:

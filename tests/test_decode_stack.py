@@ -50,10 +50,12 @@ def test_decode_steps_match_the_modules_in_float64(fmt, dtype, each_isa):
     torch.manual_seed(0)
     model = prepare_weights(GPT(CONFIG).to(dtype), fmt, calibrate_paths=False)
     oracle = float64_oracle(model)
-    # bf16 keys, values and (with vdpbf16ps) activations round to 8 bits of mantissa
-    tolerance = 1e-5 if dtype == torch.float32 and fmt != "bf16" else 1e-2   # measured: 3e-7, 3e-3
     for isa in runnable_isas():
         each_isa(isa)
+        # bf16 keys, values and (with vdpbf16ps) activations round to 8 bits of mantissa; integer int8
+        # kernels round activations to int8 per 32. Measured: 3e-7 without rounding, 3e-3 and 6e-3 with
+        rounded = dtype == torch.bfloat16 or fmt == "bf16" or (fmt == "int8" and kernels.int8_rounds_activations())
+        tolerance = 2e-2 if rounded else 1e-5
         blocks = len(PROMPTS) * (64 // BLOCK_SIZE)
         cache = PagedKVCache.allocate(CONFIG, blocks, BLOCK_SIZE, dtype=dtype)
         oracle_cache = PagedKVCache.allocate(CONFIG, blocks, BLOCK_SIZE, dtype=torch.float64)
@@ -91,7 +93,7 @@ def test_a_wrong_key_would_fail():
         batch.groups[0]["key_slots"] = batch.groups[0]["key_slots"].roll(1, dims=1)
         got = stack(torch.tensor([7]), batch)
         expected = oracle.hidden_states(torch.tensor([[7]]), oracle_cache.batch(tables, [9], [1]))[0]
-    assert relative_error(got, expected) > 1e-2     # the loosest tolerance above (measured: 0.2)
+    assert relative_error(got, expected) > 2e-2     # the loosest tolerance above (measured: 0.2)
 
 
 def test_the_stack_checks_what_it_would_read_and_write():

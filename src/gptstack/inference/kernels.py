@@ -4,7 +4,10 @@ Decoding a token reads every weight once, so at a few rows of activations a line
 as it streams its weight. PyTorch's CPU kernels reach only part of the memory bandwidth there
 (docs/benchmarks.md); ours pack the weight into panels of 16 output channels, K-major, read each
 weight once for all rows, and come in fp32, bf16, int8 (one scale per output channel) and int4
-(q4_0-like: one scale per output channel and group of 32 inputs, symmetric). The kernel copy for the
+(q4_0-like: one scale per output channel and group of 32 inputs, symmetric). Where the CPU has integer
+dot products (AVX2, AVX512-VNNI) the int8 kernel rounds the activations to int8 per group of 32 (as
+llama.cpp's q8_0 matmul does, see :func:`int8_rounds_activations`): converting each weight to fp32
+cost more than streaming it. The kernel copy for the
 best instruction set the CPU has is picked at run time; ``GPTSTACK_KERNEL_ISA`` (or
 :func:`select_isa`) caps it, so every copy the machine can run can be tested.
 
@@ -43,8 +46,16 @@ def available() -> bool:
 
 
 def isa() -> str:
-    """The kernel copy in use: "avx512_bf16", "avx512", "avx2" or "generic" ("unavailable" without kernels)."""
+    """The kernel copy in use: "avx512_bf16", "avx512_vnni", "avx512", "avx2" or "generic" ("unavailable"
+    without kernels)."""
     return _ops.isa() if _ops is not None else "unavailable"
+
+
+def int8_rounds_activations() -> bool:
+    """True when the int8 kernel in use multiplies int8 activations (integer dot products: AVX2,
+    AVX512-VNNI): each row's activations are rounded per group of 32 to int8 with their own scale, as
+    llama.cpp's q8_0 matmul does. Otherwise it converts the weights to fp32 (weight-only int8)."""
+    return _ops is not None and _ops.int8_rounds_activations()
 
 
 def select_isa(cap: str) -> str:
@@ -117,17 +128,19 @@ def _pad_to(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 
 def pack(weight: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(panels, scales) as the kernels read them (csrc/decode_kernels.cpp). out_features is padded with
-    zero channels to a multiple of 64, in_features with zeros to a multiple of 32. Panels: fp32 and
-    int8 [P, K, 16]; bf16 [P, K/2, 16, 2] (a lane's two k of a pair side by side); int4 [P, K/2, 16]
-    bytes, k even in the low nibble, each code + 8. Scales: int8 [N], int4 [P, K/32, 16]."""
+    zero channels to a multiple of 64, in_features with zeros to a multiple of 32. Panels: fp32
+    [P, K, 16]; bf16 [P, K/2, 16, 2] (a lane's two k of a pair side by side); int8 [P, K/4, 16, 4] (four
+    k side by side, as integer dot-product instructions read them); int4 [P, K/2, 16] bytes, k even in
+    the low nibble, each code + 8. Scales: int8 [N], int4 [P, K/32, 16]."""
     out, k = weight.values.shape
     n_pad, k_pad = _round_up(out, TILE_CHANNELS), _round_up(k, GROUP_K)
     panels = n_pad // LANES
     values = _pad_to(weight.values, n_pad, k_pad)
-    if weight.format in ("fp32", "int8"):
+    if weight.format == "fp32":
         packed = values.view(panels, LANES, k_pad).transpose(1, 2)
-    elif weight.format == "bf16":
-        packed = values.view(panels, LANES, k_pad // 2, 2).permute(0, 2, 1, 3)
+    elif weight.format in ("bf16", "int8"):     # k pairs (bf16) or quads (int8) of a lane side by side
+        group = 2 if weight.format == "bf16" else 4
+        packed = values.view(panels, LANES, k_pad // group, group).permute(0, 2, 1, 3)
     else:
         nibbles = (values + 8).to(torch.uint8).view(panels, LANES, k_pad // 2, 2)
         packed = (nibbles[..., 0] | (nibbles[..., 1] << 4)).transpose(1, 2)
@@ -143,9 +156,9 @@ def unpack(fmt: str, panels: torch.Tensor, scales: torch.Tensor | None, out_feat
            in_features: int) -> QuantizedWeight:
     """The inverse of :func:`pack`."""
     n_pad = panels.shape[0] * LANES
-    if fmt in ("fp32", "int8"):
+    if fmt == "fp32":
         values = panels.transpose(1, 2).reshape(n_pad, -1)
-    elif fmt == "bf16":
+    elif fmt in ("bf16", "int8"):
         values = panels.permute(0, 2, 1, 3).reshape(n_pad, -1)
     else:
         bytes_ = panels.transpose(1, 2)

@@ -42,6 +42,7 @@ class ServeOptions:
     block_size: int = 16
     kv_cache_memory: int = 0
     prefix_caching: bool = True
+    fused_decode: bool = True            # decode-only steps as one C++ call (inference/decode_stack.py)
     requests_per_minute: int = 0
     tokens_per_minute: int = 0
     max_body_bytes: int = 1 << 20
@@ -59,7 +60,8 @@ def build_engine(options: ServeOptions) -> tuple[Engine, dict, SequenceClassifie
     config = EngineConfig(max_batch_size=options.max_batch_size, max_queue=options.max_queue,
                           max_seq_len=options.max_seq_len, step_tokens=options.step_tokens,
                           block_size=options.block_size, kv_cache_memory=options.kv_cache_memory,
-                          prefix_caching=options.prefix_caching).validate()   # before the slow part
+                          prefix_caching=options.prefix_caching,
+                          fused_decode=options.fused_decode).validate()   # before the slow part
     device = resolve_device(options.device)
     if options.quantize not in ("none", "int8", "int4"):
         raise ValueError(f"quantize must be 'none', 'int8' or 'int4', got {options.quantize!r}")
