@@ -93,10 +93,18 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     filtering = bool((top_k > 0).any() or (top_p < 1).any() or (min_p is not None and (min_p > 0).any()))
     scaled = filter_logits(logits, temperature, top_k, top_p, min_p) if filtering \
         else logits.float() / temperature.clamp(min=1e-6)[:, None]
-    probs = scaled.softmax(dim=-1)
+    return torch.where(temperature <= 0, greedy, draw(scaled.softmax(dim=-1), generators))
+
+
+def draw(probs: torch.Tensor, generators: list[torch.Generator] | torch.Generator | None) -> torch.Tensor:
+    """A token per row of ``probs`` [B, V], by inverting the row's cumulative distribution at one
+    uniform number from the row's generator. One number per row: an exponential race over the
+    vocabulary (one number per token) took ~1 ms per row at V = 50257, 23 ms for 16 rows, as long
+    as the forward. The sums are in float64, so no token's probability is lost to rounding; a token
+    of probability 0 never comes (the first index whose cumulative sum passes the draw)."""
     if not isinstance(generators, (list, tuple)):
-        generators = [generators] * logits.shape[0]
-    races = torch.stack([torch.empty(logits.shape[-1], device=logits.device).exponential_(generator=g)
-                         for g in generators])
-    drawn = (probs / races).argmax(dim=-1)
-    return torch.where(temperature <= 0, greedy, drawn)
+        generators = [generators] * probs.shape[0]
+    uniform = torch.stack([torch.rand((), generator=g, dtype=torch.float64, device=probs.device) for g in generators])
+    cumulative = probs.double().cumsum(dim=-1)
+    target = (uniform * cumulative[:, -1])[:, None]
+    return torch.searchsorted(cumulative, target, right=True)[:, 0].clamp(max=probs.shape[-1] - 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import secrets
 import signal
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +109,10 @@ def serve(options: ServeOptions) -> None:
 
     tune_allocator()
     torch.set_grad_enabled(False)
+    # The engine thread waits for the GIL after every forward (which runs without it) while the
+    # HTTP thread holds it; CPython makes a waiting thread wait up to the switch interval, 5 ms by
+    # default, half a token. At 1 ms, one stream of GPT-2 124M bf16 went from 96 to 107 tokens/s.
+    sys.setswitchinterval(0.001)
     if bool(options.ssl_certfile) != bool(options.ssl_keyfile):
         raise ValueError("TLS needs both --ssl-certfile and --ssl-keyfile")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
