@@ -20,7 +20,7 @@ else:
     # links libgomp.so.1 by soname, so it shares the copy torch has already loaded, not a second runtime.
     # -Wno-maybe-uninitialized: GCC 12 flags its own _mm512_undefined_* inside the AVX-512 intrinsics.
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-    kernels = CppExtension("gptstack._kernels", ["csrc/decode_kernels.cpp", "csrc/decode_stack.cpp"],
+    kernels = CppExtension("gptstack._kernels", ["csrc/decode_kernels.cpp", "csrc/decode_stack.cpp", "csrc/race_sample.cpp"],
                            depends=["csrc/kernels.h", "csrc/tile_kernels.h", "csrc/int8_dot_kernels.h", "csrc/attention_kernels.h"],
                            extra_compile_args=["-O3", "-Wno-maybe-uninitialized", *openmp],
                            extra_link_args=openmp)

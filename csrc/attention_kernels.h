@@ -60,15 +60,15 @@ void attend_heads(const PagedAttention& a, int64_t s, int64_t h0, int64_t h1, fl
   }
 }
 
-// Rows (s, h) are split over torch's threads; a thread takes the heads of its rows sequence by
-// sequence and keeps one scores buffer.
+// Rows (s, h) go to torch's threads in chunks (parallel_chunks); a thread takes the heads of a
+// chunk's rows sequence by sequence, with one scores buffer per chunk.
 template <class T>
 void attend_rows(const PagedAttention& a) {
   const int64_t rows = a.sequences * a.heads;
   const int64_t keys_per_row = std::max<int64_t>(1, a.visible_keys / a.sequences);
   // a row reads 2 * keys * head_dim elements; a task gets as many as a matmul task reads weights
   const int64_t grain = std::max<int64_t>(1, kMinWeightsPerTask / (2 * keys_per_row * a.head_dim));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+  parallel_chunks(rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(a.heads * a.most_visible);
     for (int64_t row = begin; row < end;) {
       const int64_t s = row / a.heads, h0 = row % a.heads, h1 = std::min(a.heads, h0 + end - row);

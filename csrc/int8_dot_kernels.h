@@ -97,12 +97,12 @@ void int8_dot_last_rows(const Call& c, const QuantizedRows& xq, int64_t tile, in
   }
 }
 
-// x is fp32 [m][k_padded] (Call.x); tiles split over torch's threads as in run_tiles.
+// x is fp32 [m][k_padded] (Call.x); tiles go to torch's threads in chunks, as in run_tiles.
 void int8_dot_linear(const Call& c) {
   const QuantizedRows xq(static_cast<const float*>(c.x), c.m, c.k_padded);
   const int64_t tiles = c.n_padded / (kTilePanels * kLanes);
   const int64_t grain = std::max<int64_t>(1, kMinWeightsPerTask / (kTilePanels * kLanes * c.k_padded));
-  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+  parallel_chunks(tiles, grain, [&](int64_t begin, int64_t end) {
     for (int64_t tile = begin; tile < end; ++tile) {
       int64_t row = 0;
       for (; c.m - row >= kInt8DotRows; row += kInt8DotRows) int8_dot_block<kInt8DotRows>(c, xq, tile, row);

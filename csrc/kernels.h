@@ -4,8 +4,10 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 
@@ -55,6 +57,22 @@ inline float bf16_to_float(uint16_t bits) {
   float f;
   std::memcpy(&f, &word, sizeof f);
   return f;
+}
+
+// body(begin, end) over [0, n) in chunks of at least `min_chunk`, handed to torch's threads as each
+// comes free rather than split in equal shares up front: a thread the OS preempts (a server's HTTP
+// thread, the client on the same cores) then delays only the chunk it holds, not the whole call.
+// At one stream through the HTTP server, equal shares cost GPT-2 bf16 decode ~15% of its speed.
+template <class Body>
+void parallel_chunks(int64_t n, int64_t min_chunk, const Body& body) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunk = std::max<int64_t>({1, min_chunk, n / (threads * 8)});
+  const int64_t chunks = (n + chunk - 1) / chunk;
+  if (threads == 1 || chunks == 1 || at::in_parallel_region()) return body(0, n);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(threads, chunks), 1, [&](int64_t, int64_t) {
+    for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1)) body(c * chunk, std::min(n, (c + 1) * chunk));
+  });
 }
 
 // The kernels of the instruction set in use (the best the CPU has, capped by select_isa).

@@ -172,14 +172,14 @@ void last_rows(const W& w, const Call& c, int64_t tile, int64_t row0, int64_t le
   }
 }
 
-// Tiles are split over torch's threads; each tile's weights are read from memory once and from
-// cache for the further row blocks.
+// Tiles go to torch's threads in chunks as they come free (parallel_chunks); each tile's weights
+// are read from memory once and from cache for the further row blocks.
 template <class W>
 void run_tiles(const W& w, const Call& c) {
   constexpr int max_rows = W::kScalePerGroup ? std::max(1, kMaxRows / 2) : kMaxRows;  // room for group sums
   const int64_t tiles = c.n_padded / (kTilePanels * kLanes);
   const int64_t grain = std::max<int64_t>(1, kMinWeightsPerTask / (kTilePanels * kLanes * c.k_padded));
-  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+  parallel_chunks(tiles, grain, [&](int64_t begin, int64_t end) {
     for (int64_t tile = begin; tile < end; ++tile) {
       int64_t row = 0;
       for (; c.m - row >= max_rows; row += max_rows) rows_block<W, max_rows>(w, c, tile, row);

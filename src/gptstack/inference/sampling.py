@@ -4,6 +4,8 @@ Order of operations per row (as in vLLM / Hugging Face): penalties on the raw lo
 temperature, then top-k, top-p and min-p filtering, then a draw. Draws use each request's own
 generator through the exponential race (argmax p / E, E ~ Exp(1)), which is a multinomial draw
 whose randomness belongs to the row: a seeded request gives the same text alone or in any batch.
+The E come from a counter-based generator keyed once per row and step by the row's generator
+(:func:`draw`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+from ..ops import library
 
 
 @dataclass
@@ -97,14 +101,43 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
 
 
 def draw(probs: torch.Tensor, generators: list[torch.Generator] | torch.Generator | None) -> torch.Tensor:
-    """A token per row of ``probs`` [B, V], by inverting the row's cumulative distribution at one
-    uniform number from the row's generator. One number per row: an exponential race over the
-    vocabulary (one number per token) took ~1 ms per row at V = 50257, 23 ms for 16 rows, as long
-    as the forward. The sums are in float64, so no token's probability is lost to rounding; a token
-    of probability 0 never comes (the first index whose cumulative sum passes the draw)."""
+    """A token per row of ``probs`` [B, V] by the exponential race, argmax p_i / E_i: the C++ op
+    on CPU (csrc/race_sample.cpp), else :func:`race_sample_reference`. Each row's E_i come from a
+    counter-based generator keyed by one number drawn from the row's generator (see the C++ file
+    for why: an Exp(1) per token from a torch.Generator cost ~1 ms a row)."""
     if not isinstance(generators, (list, tuple)):
         generators = [generators] * probs.shape[0]
-    uniform = torch.stack([torch.rand((), generator=g, dtype=torch.float64, device=probs.device) for g in generators])
-    cumulative = probs.double().cumsum(dim=-1)
-    target = (uniform * cumulative[:, -1])[:, None]
-    return torch.searchsorted(cumulative, target, right=True)[:, 0].clamp(max=probs.shape[-1] - 1)
+    keys = torch.stack([torch.randint(0, 2 ** 62, (), generator=g, device=probs.device) for g in generators])
+    if library is not None and probs.device.type == "cpu":
+        return library.race_sample(probs.float(), keys)
+    return race_sample_reference(probs, keys)
+
+
+def _signed(value: int) -> int:
+    """A 64-bit unsigned constant as the int64 with the same bits."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+GOLDEN, MIX_1, MIX_2 = (_signed(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 bits (torch's >> is arithmetic)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def race_uniforms(keys: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[B, vocab] float64 U(0, 1) numbers of the race, as csrc/race_sample.cpp makes them: splitmix64
+    of key + (i + 1) * golden (int64 arithmetic wraps as uint64 does), its top 53 bits."""
+    index = torch.arange(vocab, device=keys.device)
+    z = keys[:, None] + (index + 1) * GOLDEN
+    z = (z ^ _shift_right(z, 30)) * MIX_1
+    z = (z ^ _shift_right(z, 27)) * MIX_2
+    z = z ^ _shift_right(z, 31)
+    return (_shift_right(z, 11).double() + 0.5) * 2.0 ** -53
+
+
+def race_sample_reference(probs: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """The race of csrc/race_sample.cpp in PyTorch ops, on the same random numbers."""
+    exponentials = -torch.log(race_uniforms(keys, probs.shape[-1]))
+    return (probs.double() / exponentials).masked_fill(probs <= 0, -1.0).argmax(dim=-1)
