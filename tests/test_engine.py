@@ -96,6 +96,10 @@ def test_requests_that_cannot_fit_are_refused(engine):
         engine.submit([10**6], SamplingParams(max_new_tokens=1))
     with pytest.raises(ValueError, match="top_p"):
         engine.submit([1], SamplingParams(top_p=0))
+    with pytest.raises(ValueError, match="logit_bias token ids"):
+        engine.submit([1], SamplingParams(logit_bias={10**6: 1.0}))
+    with pytest.raises(ValueError, match="logit_bias values"):
+        engine.submit([1], SamplingParams(logit_bias={5: 101.0}))
 
 
 def greedy_with_context_shift(model, prompt: list[int], n: int, window: int) -> tuple[list[int], int]:

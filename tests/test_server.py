@@ -12,7 +12,10 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 
+from gptstack.checkpoint import load_model
+from gptstack.heads import mean_pooled_embeddings
 from gptstack.inference.sampling import SamplingParams
 from gptstack.serve.app import ServeConfig, create_app
 from gptstack.serve.schemas import ChatCompletionRequest, CompletionRequest
@@ -48,9 +51,12 @@ def test_completion_options(client):
 
 def test_streaming_completion(client):
     chunks = list(client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=10, stream=True, seed=3,
-                                            extra_body={"ignore_eos": True}))
+                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
     text = "".join(c.choices[0].text for c in chunks if c.choices)
-    assert chunks[-1].usage.completion_tokens == 10
+    assert chunks[-1].usage.completion_tokens == 10 and not chunks[-1].choices
+    quiet = list(client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=10, stream=True, seed=3,
+                                           extra_body={"ignore_eos": True}))
+    assert all(c.usage is None for c in quiet) and "".join(c.choices[0].text for c in quiet) == text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     whole = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=10, seed=3, extra_body={"ignore_eos": True})
     assert text == whole.choices[0].text
@@ -128,7 +134,13 @@ def test_every_route_needs_a_key_except_the_allow_list(server, tiny_checkpoint):
     ({"model": "tiny", "prompt": [10**7]}, 400, "outside the vocabulary"),
     ({"model": "tiny", "prompt": ""}, 400, "prompt is empty"),
     ({"prompt": "x"}, 400, "model"),
-    ({"model": "tiny", "prompt": "x", "logit_bias": {"1": 5}}, 400, "logit_bias"),
+    ({"model": "tiny", "prompt": "x", "logit_bias": {"99999999": 5}}, 400, "outside the vocabulary"),
+    ({"model": "tiny", "prompt": "x", "logit_bias": {"a": 5}}, 400, "logit_bias"),
+    ({"model": "tiny", "prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ({"model": "tiny", "prompt": "x", "n": 2, "best_of": 1}, 400, "best_of"),
+    ({"model": "tiny", "prompt": "x", "best_of": 3, "stream": True}, 400, "best_of"),
+    ({"model": "tiny", "prompt": "x", "best_of": 50}, 400, "best_of"),
+    ({"model": "tiny", "prompt": "x", "suffix": "y"}, 400, "suffix"),
 ])
 def test_bad_parameters_get_openai_errors(server, body, status, fragment):
     r = httpx.post(server.url + "/v1/completions", headers=server.headers, json=body)
@@ -255,7 +267,8 @@ def test_sigterm_finishes_in_flight_requests_then_exits_zero(tiny_checkpoint):
     s = Server(tiny_checkpoint)
     chunks = []
     with httpx.stream("POST", s.url + "/v1/completions", headers=s.headers, timeout=60,
-                      json={"model": "tiny", "prompt": "a", "max_tokens": 60, "ignore_eos": True, "stream": True}) as r:
+                      json={"model": "tiny", "prompt": "a", "max_tokens": 60, "ignore_eos": True, "stream": True,
+                            "stream_options": {"include_usage": True}}) as r:
         lines = r.iter_lines()
         chunks.append(next(lines))
         s.proc.send_signal(signal.SIGTERM)
@@ -342,10 +355,11 @@ def test_requests_convert_themselves_to_sampling_params():
     """Every sampling field reaches the engine, and each of the n samples gets its own seed."""
     body = CompletionRequest(model="tiny", prompt="x", max_tokens=9, temperature=0.5, top_p=0.9, top_k=3, min_p=0.1,
                              presence_penalty=0.2, frequency_penalty=-0.3, repetition_penalty=1.2, seed=5, stop="END",
-                             stop_token_ids=[7], ignore_eos=True, logprobs=1)
+                             stop_token_ids=[7], ignore_eos=True, logprobs=1, logit_bias={"7": 250, "9": -3.5})
     assert body.sampling_params(2) == SamplingParams(
         max_new_tokens=9, temperature=0.5, top_p=0.9, top_k=3, min_p=0.1, presence_penalty=0.2, frequency_penalty=-0.3,
-        repetition_penalty=1.2, seed=7, stop=["END"], stop_token_ids=[7], ignore_eos=True, logprobs=1)
+        repetition_penalty=1.2, seed=7, stop=["END"], stop_token_ids=[7], ignore_eos=True, logprobs=1,
+        logit_bias={7: 100.0, 9: -3.5})          # clamped to [-100, 100] as OpenAI does
     assert CompletionRequest(model="tiny", prompt="x", max_tokens=None).sampling_params(0).max_new_tokens == 16
 
     messages = [{"role": "user", "content": "hi"}]
@@ -376,3 +390,47 @@ def test_errors_are_counted_by_status(server):
     httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "x"})
     httpx.post(server.url + "/v1/completions", headers=server.headers, json={"model": "gpt-4", "prompt": "x"})
     assert {code: errors(code) - before[code] for code in before} == {400: 1, 401: 1, 404: 1}
+
+
+def test_logit_bias_forces_and_bans_tokens(client, server):
+    greedy = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=4, temperature=0, logprobs=0,
+                                       extra_body={"ignore_eos": True})
+    first = httpx.post(server.url + "/tokenize", headers=server.headers,
+                       json={"prompt": greedy.choices[0].logprobs.tokens[0]}).json()["tokens"][0]
+    banned = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=4, temperature=0, logprobs=0,
+                                       logit_bias={str(first): -100}, extra_body={"ignore_eos": True})
+    assert banned.choices[0].logprobs.tokens[0] != greedy.choices[0].logprobs.tokens[0]
+    forced = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=4, temperature=0.9, seed=1,
+                                       logit_bias={"11": 100}, extra_body={"ignore_eos": True})   # 11 is ","
+    assert forced.choices[0].text == ",,,,"
+
+
+def test_best_of_returns_the_candidates_of_highest_logprob_per_token(client):
+    kwargs = dict(model="tiny", prompt="ROMEO:", max_tokens=6, temperature=1.0, seed=11, extra_body={"ignore_eos": True})
+    candidates = client.completions.create(n=4, logprobs=0, **kwargs).choices   # sample i has seed 11 + i, as best_of's
+    ranked = sorted(candidates, key=lambda c: sum(c.logprobs.token_logprobs) / 6, reverse=True)
+    best = client.completions.create(n=2, best_of=4, **kwargs)
+    assert [c.text for c in best.choices] == [c.text for c in ranked[:2]]
+    assert [c.index for c in best.choices] == [0, 1] and best.choices[0].logprobs is None
+    assert best.usage.completion_tokens == 24                        # every candidate was generated
+
+
+def test_embeddings_through_the_openai_client(client, server, tiny_checkpoint):
+    texts = ["To be, or not to be", "To be, or not to be", "Now is the winter of our discontent"]
+    out = client.embeddings.create(model="tiny", input=texts)      # the client asks for base64 and decodes it
+    vectors = torch.tensor([d.embedding for d in out.data])
+    model, tokenizer, _ = load_model(tiny_checkpoint)
+    ids = [tokenizer.encode(t) for t in texts]
+    assert vectors.shape == (3, model.config.n_embd) and [d.index for d in out.data] == [0, 1, 2]
+    torch.testing.assert_close(vectors.norm(dim=1), torch.ones(3))
+    assert torch.equal(vectors[0], vectors[1]) and (vectors[0] - vectors[2]).abs().max() > 1e-3
+    torch.testing.assert_close(vectors, mean_pooled_embeddings(model, ids), atol=1e-4, rtol=1e-4)
+    assert out.usage.prompt_tokens == out.usage.total_tokens == sum(map(len, ids))
+    plain = httpx.post(server.url + "/v1/embeddings", headers=server.headers,
+                       json={"model": "tiny", "input": ids[2], "encoding_format": "float"}).json()
+    torch.testing.assert_close(torch.tensor(plain["data"][0]["embedding"]), vectors[2])
+    for body, fragment in [({"input": []}, "at least one"), ({"input": "x", "dimensions": 3}, "dimensions"),
+                           ({"input": [[1] * 5000]}, "more than the context"), ({"input": [[10 ** 7]]}, "vocabulary"),
+                           ({"input": "x", "encoding_format": "int8"}, "encoding_format")]:
+        r = httpx.post(server.url + "/v1/embeddings", headers=server.headers, json={"model": "tiny", **body})
+        assert r.status_code == 400 and fragment in r.json()["error"]["message"], r.text

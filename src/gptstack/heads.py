@@ -1,4 +1,4 @@
-"""Task heads on top of the GPT's hidden states.
+"""Task heads on top of the GPT's hidden states, and embeddings from them.
 
 ``SequenceClassifier``: as in GPT-1's fine-tuning (Radford et al. 2018), a linear layer on the
 final hidden state of the last real token of each sequence, after ``clf_pdrop`` dropout. Under
@@ -55,6 +55,21 @@ class SequenceClassifier(nn.Module):
             idx, lengths = pad_right(token_lists[start:start + batch_size], device)
             probs.append(torch.softmax(self(idx, lengths).float(), dim=-1))
         return torch.cat(probs) if probs else torch.empty(0, len(self.labels))
+
+
+@torch.inference_mode()
+def mean_pooled_embeddings(gpt: GPT, token_lists: list[list[int]], batch_size: int = 16) -> torch.Tensor:
+    """[N, n_embd] fp32 embeddings: each sequence's final hidden states averaged over its tokens, then
+    scaled to unit length (so a dot product is the cosine similarity). Sequences are right-padded
+    in batches; under causal attention the padding changes no real token's state."""
+    out = []
+    for start in range(0, len(token_lists), batch_size):
+        idx, lengths = pad_right(token_lists[start:start + batch_size], gpt.transformer.wte.weight.device)
+        hidden = gpt.hidden_states(idx).float()
+        real = (torch.arange(idx.shape[1], device=idx.device) < lengths[:, None]).unsqueeze(-1)
+        pooled = (hidden * real).sum(dim=1) / lengths[:, None]
+        out.append(torch.nn.functional.normalize(pooled, dim=-1).cpu())
+    return torch.cat(out) if out else torch.empty(0, gpt.config.n_embd)
 
 
 def pad_right(token_lists: list[list[int]], device: torch.device | str = "cpu",

@@ -286,9 +286,11 @@ class Engine:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens and max_tokens is {params.max_new_tokens}: "
                              f"together more than the context of {self.max_seq_len} tokens; shorten the prompt "
                              f"or lower max_tokens")
-        bad = [t for t in prompt_ids if not 0 <= t < self.model.config.vocab_size]
-        if bad:
-            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary of {self.model.config.vocab_size}")
+        vocab_size = self.model.config.vocab_size
+        for name, ids in (("prompt", prompt_ids), ("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
+            bad = [t for t in ids if not 0 <= t < vocab_size]
+            if bad:
+                raise ValueError(f"{name} token ids {bad[:5]} are outside the vocabulary of {vocab_size}")
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, block: bool = False) -> RequestHandle:
         """Queue a request; returns its handle at once. Raises QueueFull when the waiting queue is
@@ -579,6 +581,12 @@ class Engine:
             f = lambda name: torch.tensor([getattr(p, name) for p in params], device=self.device)
             logits = apply_penalties(logits, self._counts[rows], self._seen[rows], f("presence_penalty"),
                                      f("frequency_penalty"), f("repetition_penalty"))
+        biased = [(i, p.logit_bias) for i, p in enumerate(params) if p.logit_bias]
+        if biased:   # after the logprobs, which report the model's own distribution (as vLLM's do)
+            where = (torch.tensor([i for i, bias in biased for _ in bias], device=self.device),
+                     torch.tensor([t for _, bias in biased for t in bias], device=self.device))
+            logits = logits.index_put(where, torch.tensor([v for _, bias in biased for v in bias.values()],
+                                                          device=self.device), accumulate=True)
         tokens = sample(logits,
                         torch.tensor([p.temperature for p in params], device=self.device),
                         torch.tensor([p.top_k for p in params], device=self.device),

@@ -32,6 +32,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)    # stop at this token, as at end-of-text
     ignore_eos: bool = False          # go on past end-of-text
     logprobs: int | None = None       # also return this many top alternatives per token (0 = chosen only)
+    logit_bias: dict[int, float] = field(default_factory=dict)   # added to a token's logit, in [-100, 100]
 
     def validate(self) -> "SamplingParams":
         checks = [
@@ -43,6 +44,7 @@ class SamplingParams:
             (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
             (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
             (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (all(-100 <= v <= 100 for v in self.logit_bias.values()), "logit_bias values must be in [-100, 100]"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}"),
         ]
         for ok, message in checks:

@@ -29,12 +29,14 @@ def check_sampling(state: ServerState, body: SamplingFields) -> None:
     max_n = state.config.max_n
     if body.n > max_n:
         raise APIError(400, f"n must be at most {max_n}, got {body.n}", param="n")
-    if body.logit_bias:
-        raise APIError(400, "logit_bias is not supported by this server", param="logit_bias")
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
     vocab_size = state.tokenizer.vocab_size
-    bad_ids = [t for t in body.stop_token_ids if not 0 <= t < vocab_size]
-    if bad_ids:
-        raise APIError(400, f"stop_token_ids {bad_ids[:5]} are outside the vocabulary", param="stop_token_ids")
+    for param, ids in (("stop_token_ids", body.stop_token_ids), ("logit_bias", body.logit_bias or {})):
+        bad_ids = [t for t in ids if not 0 <= t < vocab_size]
+        if bad_ids:
+            raise APIError(400, f"{param} token ids {bad_ids[:5]} are outside the vocabulary of {vocab_size}",
+                           param=param)
 
 
 def charge(state: ServerState, request: Request, tokens: int, remedy: str, param: str) -> None:

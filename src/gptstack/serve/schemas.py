@@ -8,6 +8,7 @@ are accepted on both routes. Both requests turn themselves into the engine's Sam
 from __future__ import annotations
 
 import dataclasses
+import math
 import secrets
 import time
 from typing import Literal, Union
@@ -22,7 +23,7 @@ class StrictModel(BaseModel):
 
 
 class StreamOptions(StrictModel):
-    include_usage: bool = True
+    include_usage: StrictBool = False     # a last chunk with the usage, before [DONE]
 
 
 class SamplingFields(StrictModel):
@@ -37,7 +38,7 @@ class SamplingFields(StrictModel):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     seed: int | None = None
     user: str | None = None
-    logit_bias: dict[str, float] | None = None   # accepted only to refuse it by name
+    logit_bias: dict[int, float] | None = None   # token id (a JSON key: a string of digits) -> bias
     # vLLM-style extras
     top_k: int = Field(0, ge=0)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
@@ -55,18 +56,30 @@ class SamplingFields(StrictModel):
             raise ValueError("stop sequences must not be empty")
         return stops
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _clamped(cls, value):
+        """Clamped to [-100, 100], as OpenAI does; -100 bans a token, +100 all but forces it."""
+        if value and not all(math.isfinite(v) for v in value.values()):
+            raise ValueError("logit_bias values must be finite numbers")
+        return {token: min(100.0, max(-100.0, bias)) for token, bias in (value or {}).items()}
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
     def _sampling_params(self, sample: int, max_new_tokens: int, stop: list[str],
                          logprobs: int | None) -> SamplingParams:
         """The engine's settings for sample number ``sample`` of the ``n`` asked for: each sample
         gets its own seed, so that the n samples of a seeded request differ from one another."""
         same_named = {name: getattr(self, name) for name in PASSED_THROUGH}
         return SamplingParams(**same_named, max_new_tokens=max_new_tokens, stop=stop, logprobs=logprobs,
-                              seed=None if self.seed is None else self.seed + sample)
+                              seed=None if self.seed is None else self.seed + sample, logit_bias=self.logit_bias or {})
 
 
 # the SamplingParams fields that a request sets as it is, under the same name
 PASSED_THROUGH = sorted(({f.name for f in dataclasses.fields(SamplingParams)} & set(SamplingFields.model_fields))
-                        - {"stop", "seed"})
+                        - {"stop", "seed", "logit_bias"})
 
 
 class CompletionRequest(SamplingFields):
@@ -75,10 +88,12 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: StrictBool = False
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: int | None = Field(None, ge=1)     # candidates per prompt; the n of highest logprob per token return
 
-    def sampling_params(self, sample: int) -> SamplingParams:
-        return self._sampling_params(sample, self.max_tokens or 16, self.stop, self.logprobs)
+    def sampling_params(self, sample: int, chosen_logprobs: bool = False) -> SamplingParams:
+        """``chosen_logprobs``: report each token's logprob even if the request did not ask (best_of)."""
+        logprobs = self.logprobs if not chosen_logprobs or self.logprobs is not None else 0
+        return self._sampling_params(sample, self.max_tokens or 16, self.stop, logprobs)
 
 
 class TextContent(StrictModel):
@@ -134,6 +149,30 @@ class ClassifyRequest(StrictModel):
         if any(not t.strip() for t in texts):
             raise ValueError("texts must not be empty")
         return texts
+
+
+class EmbeddingRequest(StrictModel):
+    """POST /v1/embeddings: texts or token id lists, as OpenAI takes them."""
+    model: StrictStr
+    input: Union[StrictStr, list[StrictStr], list[int], list[list[int]]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _non_empty(cls, value):
+        if isinstance(value, str):
+            value = [value]
+        if not value:
+            raise ValueError("give at least one input")
+        if len(value) > 2048:
+            raise ValueError(f"at most 2048 inputs per request, got {len(value)}")
+        if isinstance(value[0], int):
+            value = [value]
+        if any(len(item) == 0 for item in value):
+            raise ValueError("inputs must not be empty")
+        return value
 
 
 class DetokenizeRequest(StrictModel):

@@ -95,8 +95,9 @@ async def merged_events(handles: list[RequestHandle], metrics: ServerMetrics) ->
 
 
 async def sse_chunks(handles: list[RequestHandle], head: dict, choice: ChunkChoice,
-                     metrics: ServerMetrics) -> AsyncIterator[str]:
-    """One chunk per event, then a usage chunk and ``data: [DONE]``."""
+                     metrics: ServerMetrics, include_usage: bool) -> AsyncIterator[str]:
+    """One chunk per event, then a usage chunk if asked for (``stream_options.include_usage``) and
+    ``data: [DONE]``."""
     prompt_tokens = completion_tokens = 0
     started: set[int] = set()
     async with aclosing(merged_events(handles, metrics)) as events:   # closed at once when the client leaves
@@ -106,10 +107,11 @@ async def sse_chunks(handles: list[RequestHandle], head: dict, choice: ChunkChoi
                 completion_tokens += event.completion_tokens
             yield sse({**head, "choices": [choice(index, event, index not in started)]})
             started.add(index)
-    yield sse({**head, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+    if include_usage:
+        yield sse({**head, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
     yield sse("[DONE]")
 
 
 def event_stream(handles: list[RequestHandle], head: dict, choice: ChunkChoice,
-                 metrics: ServerMetrics) -> StreamingResponse:
-    return StreamingResponse(sse_chunks(handles, head, choice, metrics), media_type="text/event-stream")
+                 metrics: ServerMetrics, include_usage: bool) -> StreamingResponse:
+    return StreamingResponse(sse_chunks(handles, head, choice, metrics, include_usage), media_type="text/event-stream")

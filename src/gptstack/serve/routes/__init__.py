@@ -8,7 +8,7 @@ import functools
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
 
-from . import chat, classify, completions, operations, tokens
+from . import chat, classify, completions, embeddings, operations, tokens
 
 
 def add_routes(app: FastAPI) -> None:
@@ -27,3 +27,4 @@ def add_routes(app: FastAPI) -> None:
     post("/v1/classify", classify.classify)
     post("/v1/completions", completions.completions)
     post("/v1/chat/completions", chat.chat_completions)
+    post("/v1/embeddings", embeddings.embeddings)

@@ -33,7 +33,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
 
     head = response_head("chatcmpl", "chat.completion", state.config.model_name)
     if body.stream:
-        return event_stream(handles, {**head, "object": "chat.completion.chunk"}, chunk_choice, state.metrics)
+        return event_stream(handles, {**head, "object": "chat.completion.chunk"}, chunk_choice, state.metrics,
+                            body.include_usage)
     results = await collect(request, handles, state.metrics)
     choices = [{"index": i, "message": {"role": "assistant", "content": "".join(e.text for e in events)},
                 "finish_reason": events[-1].finish_reason, "logprobs": logprobs(events)}
