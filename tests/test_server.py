@@ -10,6 +10,7 @@ import subprocess
 import time
 
 import httpx
+import jsonschema
 import openai
 import pytest
 import torch
@@ -433,4 +434,25 @@ def test_embeddings_through_the_openai_client(client, server, tiny_checkpoint):
                            ({"input": [[1] * 5000]}, "more than the context"), ({"input": [[10 ** 7]]}, "vocabulary"),
                            ({"input": "x", "encoding_format": "int8"}, "encoding_format")]:
         r = httpx.post(server.url + "/v1/embeddings", headers=server.headers, json={"model": "tiny", **body})
+        assert r.status_code == 400 and fragment in r.json()["error"]["message"], r.text
+
+
+def test_response_format_json_schema_through_the_openai_client(client, server):
+    schema = {"type": "object", "required": ["name", "age"],
+              "properties": {"name": {"type": "string", "maxLength": 10}, "age": {"type": "integer", "minimum": 0,
+                                                                                  "maximum": 99}}}
+    response_format = {"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}}
+    messages = [{"role": "user", "content": "Who are you?"}]
+    out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=80, seed=3, n=2,
+                                         response_format=response_format)
+    for choice in out.choices:
+        assert choice.finish_reason == "stop"
+        jsonschema.validate(json.loads(choice.message.content), {**schema, "additionalProperties": False})
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=80, seed=3, stream=True,
+                                            response_format=response_format)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == out.choices[0].message.content
+    for bad, fragment in [({"type": "yaml"}, "response_format"), ({"type": "json_schema"}, "json_schema"),
+                          ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}, "strin")]:
+        r = httpx.post(server.url + "/v1/chat/completions", headers=server.headers,
+                       json={"model": "tiny", "messages": messages, "response_format": bad})
         assert r.status_code == 400 and fragment in r.json()["error"]["message"], r.text

@@ -48,6 +48,7 @@ from .fused import fuse_qkv
 from .kv_blocks import BlockPool
 from .sampling import SamplingParams, apply_penalties, sample
 from .stops import StopMatcher
+from .structured import Constraint, check_grammar, mask_logits
 
 
 class QueueFull(RuntimeError):
@@ -172,6 +173,7 @@ class _Request:
     names: list[bytes] = field(default_factory=list)   # prefix-cache names of its full blocks
     computed: int = 0                        # positions of context already in the cache
     output: list[int] = field(default_factory=list)
+    constraint: Constraint | None = None     # the grammar its output must follow (structured.py)
 
     def keep_newest(self, length: int) -> None:
         """Make the last ``length`` tokens of the context the whole context (a context shift)."""
@@ -280,6 +282,8 @@ class Engine:
     def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError if this request can never run here (empty, too long, bad params)."""
         params.validate()
+        if params.grammar:
+            check_grammar(self.tokenizer, params.grammar)
         if not prompt_ids:
             raise ValueError("the prompt is empty; give at least one token")
         if not self.config.context_shift and len(prompt_ids) + params.max_new_tokens > self.max_seq_len:
@@ -306,7 +310,8 @@ class Engine:
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else {self.tokenizer.eot_id})
         prompt = list(prompt_ids)
         request = _Request(handle, prompt, params, generator, stop_ids, IncrementalDecoder(self.tokenizer),
-                           StopMatcher(params.stop), context=list(prompt))
+                           StopMatcher(params.stop), context=list(prompt),
+                           constraint=Constraint(self.tokenizer, params.grammar) if params.grammar else None)
         with self._lock:
             if not self._running:
                 raise EngineStopped("the engine is not running")
@@ -587,6 +592,9 @@ class Engine:
                      torch.tensor([t for _, bias in biased for t in bias], device=self.device))
             logits = logits.index_put(where, torch.tensor([v for _, bias in biased for v in bias.values()],
                                                           device=self.device), accumulate=True)
+        constrained = [(i, r.constraint) for i, r in enumerate(batch) if r.constraint is not None]
+        if constrained:   # like the bias, after the logprobs
+            logits = mask_logits(logits, [i for i, _ in constrained], [c for _, c in constrained])
         tokens = sample(logits,
                         torch.tensor([p.temperature for p in params], device=self.device),
                         torch.tensor([p.top_k for p in params], device=self.device),
@@ -609,12 +617,16 @@ class Engine:
     def _advance(self, request: _Request, token: int, logprob, top) -> None:
         request.output.append(token)
         request.context.append(token)
+        if request.constraint is not None:
+            request.constraint.consume(token)
         if token in request.stop_ids:
             self._finish(request, "stop", self._drain(request))
             return
         text, stopped = request.stops.push(request.decoder.push(token))
         if stopped:
             self._finish(request, "stop", text, token, logprob, top)
+        elif request.constraint is not None and request.constraint.done:   # the document is complete
+            self._finish(request, "stop", text + self._drain(request), token, logprob, top)
         elif len(request.output) >= request.params.max_new_tokens:
             self._finish(request, "length", text + self._drain(request), token, logprob, top)
         else:

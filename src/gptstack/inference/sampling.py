@@ -33,6 +33,7 @@ class SamplingParams:
     ignore_eos: bool = False          # go on past end-of-text
     logprobs: int | None = None       # also return this many top alternatives per token (0 = chosen only)
     logit_bias: dict[int, float] = field(default_factory=dict)   # added to a token's logit, in [-100, 100]
+    grammar: str | None = None        # output constrained to this grammar (structured.response_format_grammar)
 
     def validate(self) -> "SamplingParams":
         checks = [

@@ -113,12 +113,32 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: StrictStr = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    json_schema: dict | None = Field(None, alias="schema")     # "schema" shadows a BaseModel attribute
+    strict: bool | None = None
+
+
+class ResponseFormat(StrictModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    def as_dict(self) -> dict:
+        """The shape structured.response_format_grammar reads."""
+        spec = None if self.json_schema is None else {"name": self.json_schema.name, "strict": self.json_schema.strict,
+                                                      "schema": self.json_schema.json_schema}
+        return {"type": self.type, "json_schema": spec}
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: StrictBool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
 
     def sampling_params(self, sample: int, context_left: int, chat_stops: list[str]) -> SamplingParams:
         """Without a max_tokens the reply may fill the rest of the context (``context_left`` tokens)."""

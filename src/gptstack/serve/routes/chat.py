@@ -3,9 +3,12 @@ n replies to it."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from fastapi import Request
 
 from ...inference.engine import TokenEvent
+from ...inference.structured import GrammarError, check_grammar, response_format_grammar
 from ..admission import admit, check_model, check_sampling
 from ..errors import APIError
 from ..schemas import ChatCompletionRequest, response_head
@@ -19,8 +22,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     check_sampling(state, body)
+    grammar = response_grammar(state, body)
     context_left = max(1, state.engine.max_seq_len - len(ids))
-    params = [body.sampling_params(sample, context_left, state.config.chat_stops) for sample in range(body.n)]
+    params = [dataclasses.replace(body.sampling_params(sample, context_left, state.config.chat_stops), grammar=grammar)
+              for sample in range(body.n)]
     handles = admit(state, request, [ids] * body.n, params)
 
     def logprobs(events: list[TokenEvent]) -> dict | None:
@@ -49,3 +54,20 @@ def chat_logprobs(state: ServerState, events: list[TokenEvent]) -> dict:
 
     return {"content": [{**entry(e.token_id, e.logprob), "top_logprobs": [entry(t, lp) for t, lp in (e.top_logprobs or [])]}
                         for e in events if e.token_id is not None and e.logprob is not None]}
+
+
+def response_grammar(state: ServerState, body: ChatCompletionRequest) -> str | None:
+    """The grammar a ``response_format`` asks for (None for text), checked here: a schema the
+    matcher cannot use is a 400 naming it, before anything is queued."""
+    if body.response_format is None:
+        return None
+    if body.response_format.type == "json_schema" and body.response_format.json_schema is None:
+        raise APIError(400, "response_format json_schema needs a json_schema: {\"name\": ..., \"schema\": {...}}",
+                       param="response_format")
+    try:
+        grammar = response_format_grammar(body.response_format.as_dict())
+        if grammar is not None:
+            check_grammar(state.tokenizer, grammar)
+    except GrammarError as exc:
+        raise APIError(400, str(exc), param="response_format") from None
+    return grammar
