@@ -164,6 +164,7 @@ class DecodeStack : public torch::CustomClassHolder {
               int64_t heads, std::string gelu_approximate)
       : wte_(wte.contiguous()), wpe_(wpe.contiguous()), ln_f_weight_(float_copy(ln_f_weight)),
         ln_f_bias_(float_copy(ln_f_bias)), eps_(eps), heads_(heads), gelu_approximate_(std::move(gelu_approximate)) {
+    TORCH_CHECK(heads > 0, "heads must be positive");
     TORCH_CHECK(wte_.scalar_type() == at::kFloat || wte_.scalar_type() == at::kBFloat16, "embeddings must be fp32 or bf16");
     TORCH_CHECK(wpe_.scalar_type() == wte_.scalar_type() && wte_.dim() == 2 && wpe_.dim() == 2 &&
                     wte_.size(1) == wpe_.size(1) && wte_.size(1) % heads == 0,
@@ -193,6 +194,10 @@ class DecodeStack : public torch::CustomClassHolder {
                       pool->size(1) == heads_ && pool->size(1) * pool->size(2) == c,
                   "the key and value pools must be contiguous [slots, heads, head_dim] in the embeddings' dtype");
     }
+    if (!blocks_.empty()) {   // forward sizes its buffers and checks slots by the first block
+      TORCH_CHECK(out_features[2] == blocks_[0].fc.out_features && k_pool.size(0) == blocks_[0].k_pool.size(0),
+                  "every block must have the first block's MLP width and pool size");
+    }
     blocks_.push_back(Block{float_copy(norms[0]), float_copy(norms[1]), float_copy(norms[2]), float_copy(norms[3]),
                             linears[0], linears[1], linears[2], linears[3], band_width, k_pool, v_pool});
   }
@@ -212,6 +217,7 @@ class DecodeStack : public torch::CustomClassHolder {
                     key_slots.is_contiguous(),
                 "key_slots must be contiguous int64 [sequences, keys]");
     const int64_t max_keys = key_slots.size(1);
+    if (m == 0) return at::empty({0, c}, wte_.options());
     check_range(tokens, 0, wte_.size(0), "tokens");
     check_range(positions, 0, wpe_.size(0), "positions");
     check_range(write_slots, 0, slots, "write_slots");

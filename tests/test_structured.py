@@ -70,3 +70,26 @@ def test_formats_and_schemas_that_cannot_be_used_are_clear_errors():
     closed = closed_objects({"type": "object", "properties": {"inner": {"type": "object"}},
                              "additionalProperties": True})
     assert closed["additionalProperties"] is True and closed["properties"]["inner"]["additionalProperties"] is False
+
+
+def test_a_model_with_more_logits_than_the_tokenizer_has_tokens(random_engine):
+    """Models padded past the vocabulary (nanoGPT's 50304) get masks as wide as their logits."""
+    torch.manual_seed(1)
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=256, vocab_size=50304))
+    engine = Engine(model, random_engine.tokenizer, EngineConfig(max_batch_size=2))
+    grammar = response_format_grammar(json_schema_format(PERSON))
+    for completion in engine.generate(["Hi"], SamplingParams(max_new_tokens=150, seed=0, grammar=grammar)):
+        jsonschema.validate(json.loads(completion.text), PERSON)
+
+
+def test_end_of_text_under_a_grammar_ends_the_request_even_with_ignore_eos(random_engine):
+    """A top-level number may go on or end: end-of-text then finishes it, and never enters the text."""
+    grammar = response_format_grammar(json_schema_format({"type": "integer"}, strict=False))
+    params = SamplingParams(max_new_tokens=40, seed=2, grammar=grammar, ignore_eos=True, logit_bias={50256: 8.0})
+    for completion in random_engine.generate(["Count:", "N="], params):
+        assert completion.finish_reason == "stop" and isinstance(json.loads(completion.text), int)
+
+
+def test_strict_closes_schemas_but_not_the_values_in_them():
+    closed = closed_objects({"type": "object", "properties": {"kind": {"const": {"type": "object"}}}})
+    assert closed["properties"]["kind"] == {"const": {"type": "object"}}

@@ -619,7 +619,7 @@ class Engine:
         request.context.append(token)
         if request.constraint is not None:
             request.constraint.consume(token)
-        if token in request.stop_ids:
+        if token in request.stop_ids or (request.constraint is not None and token == self.tokenizer.eot_id):
             self._finish(request, "stop", self._drain(request))
             return
         text, stopped = request.stops.push(request.decoder.push(token))

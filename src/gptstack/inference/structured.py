@@ -20,6 +20,7 @@ import functools
 import json
 
 import torch
+import torch.nn.functional as F
 
 from ..tokenizer import Tokenizer
 
@@ -48,11 +49,11 @@ def response_format_grammar(response_format: dict) -> str | None:
         if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
             raise GrammarError("response_format json_schema needs {\"name\": ..., \"schema\": {...}}")
         schema = spec.get("schema") or {"type": "object"}
-        if spec.get("strict"):
-            schema = closed_objects(schema)
     else:
         raise GrammarError(f"response_format type must be text, json_object or json_schema, got {kind!r}")
     try:
+        if kind == "json_schema" and response_format["json_schema"].get("strict"):
+            schema = closed_objects(schema)
         grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_LAYOUT)
     except (ValueError, TypeError, RuntimeError) as exc:
         raise GrammarError(f"the JSON schema cannot be used: {exc}") from None
@@ -60,6 +61,9 @@ def response_format_grammar(response_format: dict) -> str | None:
     if error:
         raise GrammarError(f"the JSON schema cannot be used: {error}")
     return grammar
+
+
+DATA_KEYWORDS = ("const", "enum", "default", "examples")   # values, not schemas: left as they are
 
 
 def closed_objects(schema: dict) -> dict:
@@ -70,8 +74,9 @@ def closed_objects(schema: dict) -> dict:
         if isinstance(node, dict):
             if node.get("type") == "object" or "properties" in node:
                 node.setdefault("additionalProperties", False)
-            for value in node.values():
-                visit(value)
+            for key, value in node.items():
+                if key not in DATA_KEYWORDS:
+                    visit(value)
         elif isinstance(node, list):
             for value in node:
                 visit(value)
@@ -136,11 +141,12 @@ def mask_logits(logits: torch.Tensor, rows: list[int], constraints: list[Constra
     """``logits`` [B, V] with every token the constraint of row ``rows[i]`` forbids set to -inf."""
     import llguidance.numpy
 
-    vocab = logits.shape[-1]
+    vocab = constraints[0].vocab_size     # the tokenizer's; a model may have more logits (padding rows)
     bitmask = llguidance.numpy.allocate_token_bitmask(len(rows), vocab)
     for i, constraint in enumerate(constraints):
         constraint.fill(bitmask, i)
     allowed = ((torch.from_numpy(bitmask).unsqueeze(-1) >> _BITS) & 1).bool().view(len(rows), -1)[:, :vocab]
+    allowed = F.pad(allowed[:, :logits.shape[-1]], (0, max(0, logits.shape[-1] - vocab)), value=False)
     index = torch.tensor(rows, device=logits.device)
     logits = logits.clone()
     logits[index] = logits[index].masked_fill(~allowed.to(logits.device), float("-inf"))
