@@ -52,7 +52,7 @@ async def collect(request: Request, handles: list[RequestHandle], metrics: Serve
         while not done.done():
             if await request.is_disconnected():   # nobody to answer: free the engine's slots
                 raise APIError(499, "client closed the request", code="client_closed_request")
-            await asyncio.wait([done], timeout=0.25)
+            await asyncio.wait([done], timeout=0.05)   # decoding is fast: notice a departure soon
         return done.result()
     finally:
         cancel_unfinished(handles)
