@@ -113,10 +113,12 @@ inline void int4_pair(const uint8_t* p, Vec& even, Vec& odd) {
 }
 // int8 dot products without VNNI, as llama.cpp does on AVX2: vpmaddubsw multiplies unsigned by signed
 // bytes, so it gets |w| and x with w's sign; two products of |127| fit its int16 sums.
-constexpr int kInt8DotRows = 1;     // 16 ymm: 2 panels x 2 halves of fp32 and int32 sums + weights
+constexpr int kInt8DotRows = 1;     // 16 ymm: 2 chains x 2 halves of int32 sums, fp32 sums, a weight quad
+constexpr int kInt8DotChains = 2;
 constexpr int32_t kWeightBias = 0;
 struct IVec { __m256i lo, hi; };
 inline IVec izero() { return {_mm256_setzero_si256(), _mm256_setzero_si256()}; }
+inline IVec iadd(IVec a, IVec b) { return {_mm256_add_epi32(a.lo, b.lo), _mm256_add_epi32(a.hi, b.hi)}; }
 inline IVec iadd_offset(IVec a, int32_t) { return a; }
 inline Vec to_float(IVec a) { return {_mm256_cvtepi32_ps(a.lo), _mm256_cvtepi32_ps(a.hi)}; }
 struct WQuad { __m256i abs_lo, abs_hi, raw_lo, raw_hi; };
@@ -132,6 +134,21 @@ inline __m256i dot4_half(__m256i acc, __m256i abs_w, __m256i w, __m256i x) {
 inline IVec dot4(IVec acc, const WQuad& w, int32_t x4) {
   const __m256i x = _mm256_set1_epi32(x4);
   return {dot4_half(acc.lo, w.abs_lo, w.raw_lo, x), dot4_half(acc.hi, w.abs_hi, w.raw_hi, x)};
+}
+// A group of 32 activations: plain loops (once per call, not per weight).
+inline float max_abs32(const float* x) {
+  float top = 0.0f;
+  for (int k = 0; k < kGroupK; ++k) top = std::max(top, std::fabs(x[k]));
+  return top;
+}
+inline int32_t round32(const float* x, float inverse, int8_t* q) {   // round half away from zero; |q| <= 127
+  int32_t sum = 0;
+  for (int k = 0; k < kGroupK; ++k) {
+    const float v = x[k] * inverse;
+    q[k] = static_cast<int8_t>(static_cast<int32_t>(v + (v >= 0.0f ? 0.5f : -0.5f)));
+    sum += q[k];
+  }
+  return sum;
 }
 #define GPTSTACK_INT8_DOT
 #include "tile_kernels.h"
@@ -189,17 +206,36 @@ GPTSTACK_AVX512_PRIMITIVES
 
 // AVX512-VNNI: int8 dot products with vpdpbusd (unsigned by signed bytes: the weights get + 128).
 #define GPTSTACK_VNNI_PRIMITIVES                                                                        \
-  constexpr int kInt8DotRows = 3; /* 3 rows x 4 panels of fp32 and int32 sums + a weight quad */       \
+  constexpr int kInt8DotRows = 3; /* 3 rows x 4 chains of int32 sums + 3 fp32 sums + weight quads */    \
+  constexpr int kInt8DotChains = 4;                                                                     \
   constexpr int32_t kWeightBias = 128;                                                                  \
   using IVec = __m512i;                                                                                 \
   inline IVec izero() { return _mm512_setzero_si512(); }                                                \
+  inline IVec iadd(IVec a, IVec b) { return _mm512_add_epi32(a, b); }                                   \
   inline IVec iadd_offset(IVec a, int32_t b) { return _mm512_add_epi32(a, _mm512_set1_epi32(b)); }      \
   inline Vec to_float(IVec a) { return _mm512_cvtepi32_ps(a); }                                         \
   using WQuad = __m512i;                                                                                \
   inline WQuad load_quad(const int8_t* p) {                                                             \
     return _mm512_xor_si512(_mm512_loadu_si512(p), _mm512_set1_epi32(static_cast<int>(0x80808080u)));  \
   }                                                                                                     \
-  inline IVec dot4(IVec acc, WQuad w, int32_t x4) { return _mm512_dpbusd_epi32(acc, w, _mm512_set1_epi32(x4)); }
+  inline IVec dot4(IVec acc, WQuad w, int32_t x4) { return _mm512_dpbusd_epi32(acc, w, _mm512_set1_epi32(x4)); } \
+  /* a group of 32 activations, two zmm: the scalar loops' arithmetic lane by lane (same results) */   \
+  inline float max_abs32(const float* x) {                                                              \
+    return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(x)),                        \
+                                              _mm512_abs_ps(_mm512_loadu_ps(x + 16))));                 \
+  }                                                                                                     \
+  inline int32_t round32(const float* x, float inverse, int8_t* q) { /* half away from zero */          \
+    __m512i sum = _mm512_setzero_si512();                                                               \
+    for (int h = 0; h < 2; ++h) {                                                                       \
+      const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(x + 16 * h), _mm512_set1_ps(inverse));             \
+      const __m512 half = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GE_OQ),  \
+                                               _mm512_set1_ps(-0.5f), _mm512_set1_ps(0.5f));            \
+      const __m512i qi = _mm512_cvttps_epi32(_mm512_add_ps(v, half));                                    \
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16 * h), _mm512_cvtepi32_epi8(qi));                \
+      sum = _mm512_add_epi32(sum, qi);                                                                  \
+    }                                                                                                   \
+    return _mm512_reduce_add_epi32(sum);                                                                \
+  }
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vnni,avx2,fma")

@@ -21,16 +21,17 @@ struct FloatPairs {
   }
 };
 
-// A k pair of an fp32 panel ([k_padded][16] floats): two loads.
-inline void fp32_pair(const float* p, Vec& even, Vec& odd) {
-  even = load(p);
-  odd = load(p + kLanes);
+// A k pair of a group of an fp32 panel ([k_padded][16] floats): two loads.
+inline void fp32_pair_at(const float* group, int kk, Vec& even, Vec& odd) {
+  even = load(group + 2 * kk * kLanes);
+  odd = load(group + (2 * kk + 1) * kLanes);
 }
+// bf16 [k_padded / 2][16][2]: lane j's two k of a pair share one 32-bit word (vdpbf16ps' layout).
+inline void bf16_pair_at(const uint16_t* group, int kk, Vec& even, Vec& odd) { bf16_pair(group + 2 * kk * kLanes, even, odd); }
 
-// fp32 and bf16 panels, unpacked to floats by `unpack`, a k pair at 2 * 16 elements:
-// fp32 [k_padded][16]; bf16 [k_padded / 2][16][2] (lane j's two k of a pair share one 32-bit word,
-// vdpbf16ps' layout).
-template <typename T, void (*unpack)(const T*, Vec&, Vec&)>
+// Panels of 16 lanes times k_padded elements of T, whose weights become fp32 vectors a k pair at a
+// time: unpack(group, kk, even, odd) reads pair kk of a group of 32 k.
+template <typename T, void (*unpack)(const T*, int, Vec&, Vec&)>
 struct UnpackedPairs : FloatPairs {
   const T* panels;
   int64_t k_padded;
@@ -38,12 +39,12 @@ struct UnpackedPairs : FloatPairs {
   Group group(int64_t panel, int64_t g) const { return {panels + (panel * k_padded + g * kGroupK) * kLanes}; }
   Pair pair(const Group& grp, int kk) const {
     Pair w;
-    unpack(grp.p + 2 * kk * kLanes, w.even, w.odd);
+    unpack(grp.p, kk, w.even, w.odd);
     return w;
   }
 };
-using Fp32Weights = UnpackedPairs<float, fp32_pair>;
-using Bf16Weights = UnpackedPairs<uint16_t, bf16_pair>;
+using Fp32Weights = UnpackedPairs<float, fp32_pair_at>;
+using Bf16Weights = UnpackedPairs<uint16_t, bf16_pair_at>;
 
 #ifdef GPTSTACK_INT8_DOT
 void int8_dot_linear(const Call& c);   // int8_dot_kernels.h
@@ -51,17 +52,10 @@ void int8_dot_linear(const Call& c);   // int8_dot_kernels.h
 // int8 panel: [k_padded / 4][16][4] (a lane's four k side by side, vpdpbusd's layout), unpacked to
 // floats a k pair at a time by int8_pair(quad, half, ...); the per-channel scale is applied once, in
 // store_rows.
-struct Int8Weights : FloatPairs {
-  const int8_t* panels;
-  int64_t k_padded;
-  struct Group { const int8_t* p; };
-  Group group(int64_t panel, int64_t g) const { return {panels + (panel * k_padded + g * kGroupK) * kLanes}; }
-  Pair pair(const Group& grp, int kk) const {
-    Pair w;
-    int8_pair(grp.p + (kk / 2) * 4 * kLanes, kk % 2, w.even, w.odd);
-    return w;
-  }
-};
+inline void int8_pair_at(const int8_t* group, int kk, Vec& even, Vec& odd) {
+  int8_pair(group + (kk / 2) * 4 * kLanes, kk % 2, even, odd);
+}
+using Int8Weights = UnpackedPairs<int8_t, int8_pair_at>;
 #endif
 
 // int4 panel: [k_padded / 2][16] bytes, low nibble k even, high nibble k odd, each q + 8;
@@ -101,25 +95,33 @@ inline Bf16DotWeights bf16_weights(const uint16_t* panels, int64_t k_padded) { r
 inline Bf16Weights bf16_weights(const uint16_t* panels, int64_t k_padded) { return {{}, panels, k_padded}; }
 #endif
 
-// acc * channel scale + bias into rows row0.. of y, dropping the padding columns.
+// acc * channel scale + bias of one panel into rows row0.. of y, dropping the padding columns.
+template <int MR>
+void store_panel_rows(const Vec (&acc)[MR], const Call& c, int64_t panel, int64_t row0) {
+  const int64_t col = panel * kLanes;
+  if (col >= c.n) return;
+  for (int i = 0; i < MR; ++i) {
+    Vec v = acc[i];
+    if (c.channel_scale) v = mul(v, load(c.channel_scale + col));
+    if (c.bias) v = add(v, load(c.bias + col));
+    float* out = c.y + (row0 + i) * c.n + col;
+    if (col + kLanes <= c.n) {
+      store(out, v);
+    } else {
+      float last[kLanes];
+      store(last, v);
+      std::copy(last, last + (c.n - col), out);
+    }
+  }
+}
+
+// The same for a tile's kTilePanels panels.
 template <int MR>
 void store_rows(const Vec (&acc)[MR][kTilePanels], const Call& c, int64_t tile, int64_t row0) {
   for (int j = 0; j < kTilePanels; ++j) {
-    const int64_t col = (tile * kTilePanels + j) * kLanes;
-    if (col >= c.n) break;
-    for (int i = 0; i < MR; ++i) {
-      Vec v = acc[i][j];
-      if (c.channel_scale) v = mul(v, load(c.channel_scale + col));
-      if (c.bias) v = add(v, load(c.bias + col));
-      float* out = c.y + (row0 + i) * c.n + col;
-      if (col + kLanes <= c.n) {
-        store(out, v);
-      } else {
-        float last[kLanes];
-        store(last, v);
-        std::copy(last, last + (c.n - col), out);
-      }
-    }
+    Vec panel_acc[MR];
+    for (int i = 0; i < MR; ++i) panel_acc[i] = acc[i][j];
+    store_panel_rows<MR>(panel_acc, c, tile * kTilePanels + j, row0);
   }
 }
 
