@@ -121,7 +121,13 @@ def launch(checkpoint: str, key: str, extra: list[str]) -> tuple[subprocess.Pope
                              str(port), "--api-key", key, "--model-name", "bench", *extra],
                             stdout=subprocess.DEVNULL, stderr=log, env=os.environ.copy())
     url = f"http://127.0.0.1:{port}"
-    return wait_ready(proc, log, url + "/ready", "gptstack serve"), url
+    wait_ready(proc, log, url + "/ready", "gptstack serve")
+    if "--replicas" in extra:   # /ready answers once one replica is up: wait for all of them
+        wanted, deadline = int(extra[extra.index("--replicas") + 1]), time.time() + 300
+        while time.time() < deadline and httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {key}"}) \
+                .text.count("gptstack_replica_info{") < wanted:
+            time.sleep(0.5)
+    return proc, url
 
 
 def launch_llama_server(gguf: str, key: str, slots: int) -> tuple[subprocess.Popen, str]:

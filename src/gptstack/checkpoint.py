@@ -144,16 +144,28 @@ def verify(directory: str | Path) -> dict:
     return config
 
 
+def model_config_of(directory: Path, config: dict) -> ModelConfig:
+    try:
+        return from_dict(ModelConfig, config["model"]).validate()
+    except ConfigError as exc:
+        raise CheckpointError(f"{directory}/config.json has an invalid model config: {exc}") from None
+
+
+def describe(directory: str | Path) -> tuple[ModelConfig, Tokenizer, dict]:
+    """A checkpoint's model config, tokenizer and config.json without its weights: all that a
+    process needs that routes requests but never runs the model (serve/replicas.py)."""
+    directory = Path(directory)
+    config = verify(directory)
+    return model_config_of(directory, config), load_tokenizer(config["tokenizer"], base_dir=directory), config
+
+
 def load_model(directory: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None, merge_adapter: bool = True) -> tuple[GPT, Tokenizer, dict]:
     """Model (in eval mode), tokenizer and config.json of a checkpoint. LoRA adapters stored apart
     are merged into the weights unless ``merge_adapter`` is False."""
     directory = Path(directory)
     config = verify(directory)
-    try:
-        model_cfg = from_dict(ModelConfig, config["model"]).validate()
-    except ConfigError as exc:
-        raise CheckpointError(f"{directory}/config.json has an invalid model config: {exc}") from None
+    model_cfg = model_config_of(directory, config)
     if config.get("sharded"):   # written by training (sharded_checkpoint.py)
         model, tokenizer = load_sharded_model(directory, config)
         return model.to(device=device, dtype=dtype).eval(), tokenizer, config

@@ -300,8 +300,17 @@ def cmd_import(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    from .serve.run import ServeOptions, serve
-    serve(dataclass_from_args(ServeOptions, args))
+    from .serve.run import ReplicaOptions, ServeOptions, serve
+    options, replicas = dataclass_from_args(ServeOptions, args), dataclass_from_args(ReplicaOptions, args).validate()
+    if not replicas.on_ray:
+        serve(options)
+        return
+    try:
+        from .serve.replicas import serve_replicas
+    except ImportError as exc:
+        raise ValueError(f"--replicas / --max-replicas / --ray-address run on Ray Serve, which is not installed "
+                         f"({exc}); pip install 'gptstack[ray]'") from None
+    serve_replicas(options, replicas)
 
 
 def add_eval_flags(p: argparse.ArgumentParser) -> None:
@@ -341,7 +350,7 @@ def add_generate_flags(p: argparse.ArgumentParser) -> None:
 
 def add_serve_flags(p: argparse.ArgumentParser) -> None:
     from .inference.engine import EngineConfig
-    from .serve.run import ServeOptions
+    from .serve.run import ReplicaOptions, ServeOptions
     add_dataclass_flags(p, ServeOptions, {
         "host": {"help": "address to bind (default: loopback only)"},
         "model_name": {"help": "the model id clients send (default: the checkpoint folder name)"},
@@ -356,6 +365,7 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         "metrics_public": {"help": "serve /metrics without a key"},
         "log_prompts": {"help": "write prompt text to the log (off by default)"},
     }, documented_by=(EngineConfig,))
+    add_dataclass_flags(p, ReplicaOptions)
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:

@@ -81,6 +81,26 @@ class EngineConfig:
         return self
 
 
+def check_request(prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer, vocab_size: int,
+                  max_seq_len: int, context_shift: bool = False) -> None:
+    """Raise ValueError if a request can never run on a model of this vocabulary and context
+    (empty, too long, ids outside the vocabulary, bad params or grammar); Engine.check, and the
+    router of serve/replicas.py, which has no engine of its own."""
+    params.validate()
+    if params.grammar:
+        check_grammar(tokenizer, params.grammar)
+    if not prompt_ids:
+        raise ValueError("the prompt is empty; give at least one token")
+    if not context_shift and len(prompt_ids) + params.max_new_tokens > max_seq_len:
+        raise ValueError(f"the prompt has {len(prompt_ids)} tokens and max_tokens is {params.max_new_tokens}: "
+                         f"together more than the context of {max_seq_len} tokens; shorten the prompt "
+                         f"or lower max_tokens")
+    for name, ids in (("prompt", prompt_ids), ("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"{name} token ids {bad[:5]} are outside the vocabulary of {vocab_size}")
+
+
 @dataclass
 class TokenEvent:
     """One step of a request's output. ``text`` may be empty while bytes of a character or a
@@ -281,20 +301,8 @@ class Engine:
     # --- API ------------------------------------------------------------------------------------
     def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError if this request can never run here (empty, too long, bad params)."""
-        params.validate()
-        if params.grammar:
-            check_grammar(self.tokenizer, params.grammar)
-        if not prompt_ids:
-            raise ValueError("the prompt is empty; give at least one token")
-        if not self.config.context_shift and len(prompt_ids) + params.max_new_tokens > self.max_seq_len:
-            raise ValueError(f"the prompt has {len(prompt_ids)} tokens and max_tokens is {params.max_new_tokens}: "
-                             f"together more than the context of {self.max_seq_len} tokens; shorten the prompt "
-                             f"or lower max_tokens")
-        vocab_size = self.model.config.vocab_size
-        for name, ids in (("prompt", prompt_ids), ("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
-            bad = [t for t in ids if not 0 <= t < vocab_size]
-            if bad:
-                raise ValueError(f"{name} token ids {bad[:5]} are outside the vocabulary of {vocab_size}")
+        check_request(prompt_ids, params, self.tokenizer, self.model.config.vocab_size, self.max_seq_len,
+                      self.config.context_shift)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, block: bool = False) -> RequestHandle:
         """Queue a request; returns its handle at once. Raises QueueFull when the waiting queue is

@@ -8,8 +8,9 @@ import logging
 
 from fastapi import Request
 
-from ..inference.engine import EngineStopped, QueueFull, RequestHandle
+from ..inference.engine import EngineStopped, QueueFull
 from ..inference.sampling import SamplingParams
+from .backend import Handle
 from .errors import APIError, overloaded
 from .schemas import SamplingFields
 from .state import ServerState
@@ -39,31 +40,31 @@ def check_sampling(state: ServerState, body: SamplingFields) -> None:
                            param=param)
 
 
-def charge(state: ServerState, request: Request, tokens: int, remedy: str, param: str) -> None:
+async def charge(state: ServerState, request: Request, tokens: int, remedy: str, param: str) -> None:
     """Count ``tokens`` against the key's rate limits, or refuse (400 if they can never fit, else 429)."""
     if state.limiter.exceeds_capacity(tokens):
         raise APIError(400, f"this request needs {tokens} tokens, more than the per-minute limit of "
                        f"{state.config.tokens_per_minute}; {remedy}", param=param)
-    wait = state.limiter.acquire(request.state.key_id, tokens)
+    wait = await state.limiter.take(request.state.key_id, tokens)
     if wait:
         raise APIError(429, f"rate limit reached for this API key; retry in {wait:.0f}s", "rate_limit_error",
                        code="rate_limit_exceeded", headers={"Retry-After": str(int(wait))})
 
 
-def admit(state: ServerState, request: Request, prompts: list[list[int]],
-          params: list[SamplingParams]) -> list[RequestHandle]:
+async def admit(state: ServerState, request: Request, prompts: list[list[int]],
+                params: list[SamplingParams]) -> list[Handle]:
     """Validate against the context, charge the rate limits, and submit everything or nothing."""
     for ids, p in zip(prompts, params):
         try:
-            state.engine.check(ids, p)
+            state.backend.check(ids, p)
         except ValueError as exc:
             raise APIError(400, str(exc), param="prompt") from None
-    charge(state, request, sum(len(ids) + p.max_new_tokens for ids, p in zip(prompts, params)),
+    await charge(state, request, sum(len(ids) + p.max_new_tokens for ids, p in zip(prompts, params)),
            "lower max_tokens or n", "max_tokens")
     handles = []
     try:
         for ids, p in zip(prompts, params):
-            handles.append(state.engine.submit(ids, p))
+            handles.append(await state.backend.submit(ids, p))
     except (QueueFull, EngineStopped) as exc:
         for h in handles:
             h.cancel()

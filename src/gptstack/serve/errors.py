@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..inference.engine import EngineStopped, QueueFull
 from .schemas import error_body
 from .state import server_state
 
@@ -67,6 +68,11 @@ async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONRe
     return counted_error(request, exc.status_code, str(exc.detail), code=str(exc.status_code))
 
 
+async def on_engine_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """The engine refused (queue full, stopping) or was lost mid-request (a replica died)."""
+    return await on_api_error(request, overloaded(exc))
+
+
 async def on_unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unexpected error on %s", request.url.path)
     return counted_error(request, 500, "internal error; the server log has the details", "server_error")
@@ -76,4 +82,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(QueueFull, on_engine_unavailable)
+    app.add_exception_handler(EngineStopped, on_engine_unavailable)
     app.add_exception_handler(Exception, on_unexpected_error)

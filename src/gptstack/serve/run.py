@@ -55,6 +55,42 @@ class ServeOptions:
     graceful_shutdown_seconds: float = 30.0
 
 
+@dataclass
+class ReplicaOptions:
+    """Engine replicas on Ray Serve (serve/replicas.py, `pip install gptstack[ray]`): ``replicas``
+    of them, or autoscaling between ``min_replicas`` and ``max_replicas``. All unset: one process."""
+    replicas: int = 0                     # engine replicas on Ray Serve; 0 = one process, no Ray
+    min_replicas: int = 0                 # autoscaling: fewest replicas
+    max_replicas: int = 0                 # autoscaling: most replicas; 0 = a fixed number
+    threads_per_replica: int = 0          # 0 = the cores shared evenly (by max_replicas when autoscaling)
+    target_ongoing_requests: float = 0    # autoscaling keeps about this many requests per replica; 0 = max_batch_size
+    ray_address: str | None = None        # join this Ray cluster instead of starting one here
+
+    @property
+    def on_ray(self) -> bool:
+        return bool(self.replicas or self.max_replicas or self.ray_address)
+
+    @property
+    def autoscaling(self) -> bool:
+        return bool(self.max_replicas)
+
+    def validate(self) -> "ReplicaOptions":
+        if self.autoscaling and not 0 <= self.min_replicas <= self.max_replicas:
+            raise ValueError(f"autoscaling needs 0 <= min_replicas <= max_replicas, got {self.min_replicas} "
+                             f"and {self.max_replicas}")
+        if self.min_replicas and not self.autoscaling:
+            raise ValueError("min_replicas needs max_replicas (autoscaling between the two)")
+        if self.replicas < 0 or self.threads_per_replica < 0:
+            raise ValueError("replicas and threads_per_replica must be >= 0")
+        if self.replicas and self.autoscaling:
+            raise ValueError("give either replicas (a fixed number) or min/max_replicas (autoscaling), not both")
+        return self
+
+    def threads(self, cpus: int) -> int:
+        """Threads per replica: as given, else the cores shared by the most replicas there may be."""
+        return self.threads_per_replica or max(1, cpus // (self.max_replicas or self.replicas or 1))
+
+
 def build_engine(options: ServeOptions) -> tuple[Engine, dict, SequenceClassifier | None]:
     """The engine over the checkpoint's model, the checkpoint's config.json, and its classifier
     (sharing the engine's weights) when the checkpoint has a classification head."""
@@ -73,27 +109,37 @@ def build_engine(options: ServeOptions) -> tuple[Engine, dict, SequenceClassifie
     return Engine(model, tokenizer, config, device=device), checkpoint_config, classifier
 
 
-def build_app(options: ServeOptions, engine: Engine, stored_template: str | None = None,
-              classifier: SequenceClassifier | None = None):
+def serve_config(options: ServeOptions, stored_template: str | None = None) -> ServeConfig:
+    """The app's config from the command line's options (keys as given: see build_app)."""
     keys = KeyStore.from_sources(options.api_keys, options.api_keys_file)
-    shown_key = "$GPTSTACK_API_KEY"
-    if not len(keys) and not options.insecure_no_auth:
-        shown_key = "sk-gptstack-" + secrets.token_urlsafe(24)
-        keys = KeyStore([shown_key])
-        print(f"No API key given: generated one for this run.\n  API key: {shown_key}\n"
-              f"  (pass --api-key, GPTSTACK_API_KEYS or --api-keys-file to choose your own)", flush=True)
     name = options.model_name or Path(options.checkpoint).resolve().name
-    scheme = "https" if options.ssl_certfile else "http"
+    # the template: --chat-template, else the one stored with the model, else a plain default
+    template = Path(options.chat_template).read_text() if options.chat_template else stored_template or DEFAULT_CHAT_TEMPLATE
+    return ServeConfig(model_name=name, keys=keys, auth=not options.insecure_no_auth,
+                       requests_per_minute=options.requests_per_minute, tokens_per_minute=options.tokens_per_minute,
+                       max_body_bytes=options.max_body_bytes, metrics_public=options.metrics_public,
+                       log_prompts=options.log_prompts, chat_template=template,
+                       chat_stops=[] if options.chat_template or stored_template else ServeConfig().chat_stops)
+
+
+def announce(options: ServeOptions, shown_key: str, scheme: str) -> None:
+    """How to reach the server, printed for the person who started it."""
+    name = options.model_name or Path(options.checkpoint).resolve().name
     print(f"Try it:\n  curl {scheme}://{options.host}:{options.port}/v1/completions -H 'Authorization: Bearer {shown_key}' "
           f"-H 'Content-Type: application/json' -d '{{\"model\": \"{name}\", \"prompt\": \"ROMEO:\", \"max_tokens\": 40}}'\n"
           f"  or open {scheme}://{options.host}:{options.port}/ for the playground", flush=True)
-    # the template: --chat-template, else the one stored with the model, else a plain default
-    template = Path(options.chat_template).read_text() if options.chat_template else stored_template or DEFAULT_CHAT_TEMPLATE
-    config = ServeConfig(model_name=name, keys=keys, auth=not options.insecure_no_auth,
-                         requests_per_minute=options.requests_per_minute, tokens_per_minute=options.tokens_per_minute,
-                         max_body_bytes=options.max_body_bytes, metrics_public=options.metrics_public,
-                         log_prompts=options.log_prompts, chat_template=template,
-                         chat_stops=[] if options.chat_template or stored_template else ServeConfig().chat_stops)
+
+
+def build_app(options: ServeOptions, engine: Engine, stored_template: str | None = None,
+              classifier: SequenceClassifier | None = None):
+    config = serve_config(options, stored_template)
+    shown_key = "$GPTSTACK_API_KEY"
+    if not len(config.keys) and not options.insecure_no_auth:
+        shown_key = "sk-gptstack-" + secrets.token_urlsafe(24)
+        config.keys = KeyStore([shown_key])
+        print(f"No API key given: generated one for this run.\n  API key: {shown_key}\n"
+              f"  (pass --api-key, GPTSTACK_API_KEYS or --api-keys-file to choose your own)", flush=True)
+    announce(options, shown_key, "https" if options.ssl_certfile else "http")
     return create_app(engine, config, start_engine=False, classifier=classifier)
 
 

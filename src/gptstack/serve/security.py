@@ -89,6 +89,10 @@ class RateLimiter:
                 bucket.tokens -= wants[kind]
             return 0.0
 
+    async def take(self, key_id: str, tokens: int) -> float:
+        """``acquire`` as a limiter shared between processes offers it (awaited: replicas.py)."""
+        return self.acquire(key_id, tokens)
+
     def exceeds_capacity(self, tokens: int) -> bool:
         """A request bigger than a whole minute's token budget can never pass."""
         return bool(self.limits["tokens"]) and tokens > self.limits["tokens"]

@@ -11,9 +11,8 @@ from jinja2 import Template
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..chat import DEFAULT_CHAT_STOPS, DEFAULT_CHAT_TEMPLATE
-from ..heads import SequenceClassifier
-from ..inference.engine import Engine
 from ..tokenizer import Tokenizer
+from .backend import Backend
 from .metrics import ServerMetrics
 from .security import KeyStore, RateLimiter
 
@@ -31,6 +30,7 @@ class ServeConfig:
     log_prompts: bool = False
     chat_template: str = DEFAULT_CHAT_TEMPLATE
     chat_stops: list[str] = field(default_factory=lambda: list(DEFAULT_CHAT_STOPS))
+    limiter: RateLimiter | None = None   # shared by several apps (Ray replicas); None: the app's own
 
     @property
     def public_paths(self) -> set[str]:
@@ -40,27 +40,24 @@ class ServeConfig:
 
 @dataclass
 class ServerState:
-    """One app's engine and config, and what it builds from them once: metrics, the per-key rate
-    limiter and the compiled chat template. ``start_engine`` false means the caller runs the engine
-    loop itself (`gptstack serve` keeps it on the main thread); ``ready`` is true while the app's
-    lifespan is up."""
-    engine: Engine
+    """One app's backend (what runs the model) and config, and what it builds from them once:
+    metrics, the per-key rate limiter and the compiled chat template. ``ready`` is true while the
+    app's lifespan is up."""
+    backend: Backend
     config: ServeConfig
-    classifier: SequenceClassifier | None = None
-    start_engine: bool = True
     ready: bool = False
     metrics: ServerMetrics = field(init=False)
     limiter: RateLimiter = field(init=False)
     chat_template: Template = field(init=False)
 
     def __post_init__(self):
-        self.metrics = ServerMetrics(self.engine)
-        self.limiter = RateLimiter(self.config.requests_per_minute, self.config.tokens_per_minute)
+        self.metrics = ServerMetrics(self.backend)
+        self.limiter = self.config.limiter or RateLimiter(self.config.requests_per_minute, self.config.tokens_per_minute)
         self.chat_template = ImmutableSandboxedEnvironment().from_string(self.config.chat_template)
 
     @property
     def tokenizer(self) -> Tokenizer:
-        return self.engine.tokenizer
+        return self.backend.tokenizer
 
     def render_chat(self, messages) -> str:
         return self.chat_template.render(messages=[{"role": m.role, "content": m.text()} for m in messages])

@@ -13,16 +13,17 @@ from typing import AsyncIterator, Callable
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from ..inference.engine import RequestHandle, TokenEvent
+from ..inference.engine import EngineStopped, TokenEvent
+from .backend import Handle
 from .errors import APIError
 from .metrics import ServerMetrics
-from .schemas import usage
+from .schemas import error_body, usage
 
 # builds a stream chunk's choice from (choice index, event, whether it is that choice's first chunk)
 ChunkChoice = Callable[[int, TokenEvent, bool], dict]
 
 
-async def timed_events(handle: RequestHandle, metrics: ServerMetrics) -> AsyncIterator[TokenEvent]:
+async def timed_events(handle: Handle, metrics: ServerMetrics) -> AsyncIterator[TokenEvent]:
     """The handle's events, recording time to first token and inter-token latency."""
     last = None
     async for event in handle:
@@ -36,13 +37,13 @@ async def timed_events(handle: RequestHandle, metrics: ServerMetrics) -> AsyncIt
         yield event
 
 
-def cancel_unfinished(handles: list[RequestHandle]) -> None:
+def cancel_unfinished(handles: list[Handle]) -> None:
     for h in handles:
         if not h.finished:
             h.cancel()
 
 
-async def collect(request: Request, handles: list[RequestHandle], metrics: ServerMetrics) -> list[list[TokenEvent]]:
+async def collect(request: Request, handles: list[Handle], metrics: ServerMetrics) -> list[list[TokenEvent]]:
     """All events of all handles; cancels them if the client goes away first."""
     async def gather(handle):
         return [e async for e in timed_events(handle, metrics)]
@@ -69,21 +70,26 @@ def sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
-async def merged_events(handles: list[RequestHandle], metrics: ServerMetrics) -> AsyncIterator[tuple[int, TokenEvent]]:
+async def merged_events(handles: list[Handle], metrics: ServerMetrics) -> AsyncIterator[tuple[int, TokenEvent]]:
     """(handle index, event) from all handles in the order the events come; cancels the unfinished
     handles when the consumer stops early (the client left)."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index, handle):
-        async for event in timed_events(handle, metrics):
-            await queue.put((index, event))
-        await queue.put((index, None))
+        try:
+            async for event in timed_events(handle, metrics):
+                await queue.put((index, event))
+            await queue.put((index, None))
+        except Exception as exc:    # e.g. the replica decoding it died: the consumer raises it
+            await queue.put((index, exc))
 
     tasks = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(handles)]
     try:
         remaining = len(handles)
         while remaining:
             index, event = await queue.get()
+            if isinstance(event, Exception):
+                raise event
             if event is None:
                 remaining -= 1
             else:
@@ -94,24 +100,30 @@ async def merged_events(handles: list[RequestHandle], metrics: ServerMetrics) ->
             t.cancel()
 
 
-async def sse_chunks(handles: list[RequestHandle], head: dict, choice: ChunkChoice,
+async def sse_chunks(handles: list[Handle], head: dict, choice: ChunkChoice,
                      metrics: ServerMetrics, include_usage: bool) -> AsyncIterator[str]:
     """One chunk per event, then a usage chunk if asked for (``stream_options.include_usage``) and
-    ``data: [DONE]``."""
+    ``data: [DONE]``. If the engine stops mid-stream (a replica died), an error event ends the
+    stream instead, which the openai client raises as an APIError."""
     prompt_tokens = completion_tokens = 0
     started: set[int] = set()
-    async with aclosing(merged_events(handles, metrics)) as events:   # closed at once when the client leaves
-        async for index, event in events:
-            if event.finish_reason is not None:
-                prompt_tokens += event.prompt_tokens
-                completion_tokens += event.completion_tokens
-            yield sse({**head, "choices": [choice(index, event, index not in started)]})
-            started.add(index)
+    try:
+        async with aclosing(merged_events(handles, metrics)) as events:   # closed at once when the client leaves
+            async for index, event in events:
+                if event.finish_reason is not None:
+                    prompt_tokens += event.prompt_tokens
+                    completion_tokens += event.completion_tokens
+                yield sse({**head, "choices": [choice(index, event, index not in started)]})
+                started.add(index)
+    except EngineStopped as exc:
+        metrics.count_error(503)
+        yield sse(error_body(f"{exc}; retry the request", "server_error", None, "engine_stopped"))
+        return
     if include_usage:
         yield sse({**head, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
     yield sse("[DONE]")
 
 
-def event_stream(handles: list[RequestHandle], head: dict, choice: ChunkChoice,
+def event_stream(handles: list[Handle], head: dict, choice: ChunkChoice,
                  metrics: ServerMetrics, include_usage: bool) -> StreamingResponse:
     return StreamingResponse(sse_chunks(handles, head, choice, metrics, include_usage), media_type="text/event-stream")

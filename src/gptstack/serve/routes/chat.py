@@ -23,10 +23,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     check_sampling(state, body)
     grammar = response_grammar(state, body)
-    context_left = max(1, state.engine.max_seq_len - len(ids))
+    context_left = max(1, state.backend.max_seq_len - len(ids))
     params = [dataclasses.replace(body.sampling_params(sample, context_left, state.config.chat_stops), grammar=grammar)
               for sample in range(body.n)]
-    handles = admit(state, request, [ids] * body.n, params)
+    handles = await admit(state, request, [ids] * body.n, params)
 
     def logprobs(events: list[TokenEvent]) -> dict | None:
         return chat_logprobs(state, events) if body.logprobs else None

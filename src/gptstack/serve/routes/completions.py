@@ -29,7 +29,7 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
     check_sampling(state, body)
     # with best_of, every candidate reports its tokens' logprobs, by which the best are chosen
     pairs = [(ids, body.sampling_params(sample, best_of > body.n)) for ids in prompts for sample in range(best_of)]
-    handles = admit(state, request, [ids for ids, _ in pairs], [params for _, params in pairs])
+    handles = await admit(state, request, [ids for ids, _ in pairs], [params for _, params in pairs])
     echo = [state.tokenizer.decode(ids) if body.echo else "" for ids in prompts for _ in range(body.n)]
 
     def choice(index: int, events: list[TokenEvent], first: bool) -> dict:

@@ -1,29 +1,26 @@
-"""POST /v1/embeddings: mean-pooled, unit-length final hidden states of the served model. The
-forward shares the engine's weights, so it runs on the engine's thread between two decode steps."""
+"""POST /v1/embeddings: mean-pooled, unit-length final hidden states of the served model (computed
+where the model lives: see Backend.embed)."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 
 from fastapi import Request
 
-from ...heads import mean_pooled_embeddings
-from ...inference.engine import EngineStopped, QueueFull
 from ..admission import charge, check_model
-from ..errors import APIError, overloaded
+from ..errors import APIError
 from ..schemas import EmbeddingRequest
 from ..state import StateDep
 
 
 async def embeddings(body: EmbeddingRequest, request: Request, state: StateDep):
     check_model(state, body.model)
-    model = state.engine.model
-    if body.dimensions is not None and body.dimensions != model.config.n_embd:
-        raise APIError(400, f"dimensions must be {model.config.n_embd} (this model's width) or unset; "
+    config = state.backend.model_config
+    if body.dimensions is not None and body.dimensions != config.n_embd:
+        raise APIError(400, f"dimensions must be {config.n_embd} (this model's width) or unset; "
                        f"shortened embeddings are not supported", param="dimensions")
     ids = [state.tokenizer.encode(item) if isinstance(item, str) else list(item) for item in body.input]
-    vocab, context = model.config.vocab_size, model.config.block_size
+    vocab, context = config.vocab_size, config.block_size
     for i, tokens in enumerate(ids):
         if not tokens:
             raise APIError(400, f"input {i} has no tokens", param="input")
@@ -33,11 +30,8 @@ async def embeddings(body: EmbeddingRequest, request: Request, state: StateDep):
         if not all(0 <= t < vocab for t in tokens):
             raise APIError(400, f"input {i} has token ids outside the vocabulary of {vocab}", param="input")
     tokens = sum(map(len, ids))
-    charge(state, request, tokens, "send fewer or shorter inputs", "input")
-    try:
-        vectors = await asyncio.wrap_future(state.engine.call(lambda: mean_pooled_embeddings(model, ids)))
-    except (QueueFull, EngineStopped) as exc:
-        raise overloaded(exc) from None
+    await charge(state, request, tokens, "send fewer or shorter inputs", "input")
+    vectors = await state.backend.embed(ids)   # a full queue or a stopped engine: 503 (errors.py)
 
     def encoded(vector) -> list[float] | str:     # base64: the little-endian float32 bytes, as OpenAI sends
         if body.encoding_format == "base64":

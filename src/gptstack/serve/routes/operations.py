@@ -19,8 +19,9 @@ async def health():
 
 
 async def ready(state: StateDep):
-    """503 until the lifespan has started the engine: load balancers wait for this."""
-    if not state.ready:
+    """503 until the lifespan has started the engine (and, behind replicas, one has reported in):
+    load balancers wait for this."""
+    if not state.ready or not state.backend.loads():
         return error_response(503, "the model is still loading", "server_error", code="not_ready")
     return {"status": "ready", "model": state.config.model_name}
 
@@ -31,9 +32,9 @@ async def prometheus(state: StateDep):
 
 async def playground(state: StateDep):
     page = PLAYGROUND.read_text().replace("{{MODEL}}", state.config.model_name)
-    return HTMLResponse(page.replace("{{CLASSIFIER}}", "true" if state.classifier is not None else "false"))
+    return HTMLResponse(page.replace("{{CLASSIFIER}}", "true" if state.backend.labels else "false"))
 
 
 async def models(state: StateDep):
     return {"object": "list", "data": [{"id": state.config.model_name, "object": "model", "created": int(time.time()),
-                                        "owned_by": "gptstack", "max_model_len": state.engine.max_seq_len}]}
+                                        "owned_by": "gptstack", "max_model_len": state.backend.max_seq_len}]}

@@ -14,7 +14,7 @@ async def tokenize(body: TokenizeRequest, state: StateDep):
         raise APIError(400, "give exactly one of 'prompt' or 'messages'", param="prompt")
     text = body.prompt if body.prompt is not None else state.render_chat(body.messages)
     ids = state.tokenizer.encode(text)
-    return {"tokens": ids, "count": len(ids), "max_model_len": state.engine.max_seq_len}
+    return {"tokens": ids, "count": len(ids), "max_model_len": state.backend.max_seq_len}
 
 
 async def detokenize(body: DetokenizeRequest, state: StateDep):
