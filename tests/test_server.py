@@ -46,7 +46,9 @@ def test_completion_options(client):
     assert len(out.choices) == 4
     assert out.choices[0].text.startswith("ROMEO:") and out.choices[2].text.startswith("KING:")
     lp = out.choices[0].logprobs
-    assert len(lp.tokens) == 5 and all(len(t) == 2 for t in lp.top_logprobs) and all(v <= 0 for v in lp.token_logprobs)
+    # echo scores the prompt too, as OpenAI does: its first token has no logprob.
+    assert len(lp.tokens) == 3 + 5 and lp.token_logprobs[0] is None and all(v <= 0 for v in lp.token_logprobs[1:])
+    assert all(len(t) == 2 for t in lp.top_logprobs[1:])
     assert out.usage.completion_tokens == 20
 
 
@@ -456,3 +458,34 @@ def test_response_format_json_schema_through_the_openai_client(client, server):
         r = httpx.post(server.url + "/v1/chat/completions", headers=server.headers,
                        json={"model": "tiny", "messages": messages, "response_format": bad})
         assert r.status_code == 400 and fragment in r.json()["error"]["message"], r.text
+
+
+def test_echo_with_logprobs_scores_the_prompt(client, tiny_checkpoint):
+    """Echo with logprobs reports the prompt's tokens with the model's own logprobs (the first has
+    none), then the generated ones; max_tokens 0 scores only, as evaluation harnesses ask."""
+    model, tokenizer, _ = load_model(tiny_checkpoint)
+    prompt = "ROMEO: speak again, bright angel"
+    ids = tokenizer.encode(prompt)
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([ids]))[0][0].float(), dim=-1)
+    expected = [None] + [expected[p, ids[p + 1]].item() for p in range(len(ids) - 1)]
+
+    scored = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=2)
+    choice = scored.choices[0]
+    assert choice.text == prompt and scored.usage.completion_tokens == 0 and scored.usage.prompt_tokens == len(ids)
+    assert choice.logprobs.tokens == [tokenizer.decode([t]) for t in ids]
+    assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
+    assert choice.logprobs.token_logprobs[1:] == pytest.approx(expected[1:], abs=1e-3)
+    assert all(len(top) == 2 and max(top.values()) >= lp - 1e-4
+               for top, lp in zip(choice.logprobs.top_logprobs[1:], choice.logprobs.token_logprobs[1:]))
+
+    generated = client.completions.create(model="tiny", prompt=prompt, max_tokens=3, echo=True, logprobs=0,
+                                          temperature=0, extra_body={"ignore_eos": True}).choices[0]
+    assert generated.logprobs.tokens[:len(ids)] == choice.logprobs.tokens
+    assert generated.logprobs.token_logprobs[1:len(ids)] == pytest.approx(expected[1:], abs=1e-3)
+    assert len(generated.logprobs.tokens) == len(ids) + 3
+    assert generated.logprobs.text_offset == [len("".join(generated.logprobs.tokens[:i])) for i in range(len(ids) + 3)]
+    assert generated.text == "".join(generated.logprobs.tokens)
+
+    with pytest.raises(openai.BadRequestError, match="only allowed with echo"):
+        client.completions.create(model="tiny", prompt=prompt, max_tokens=0)

@@ -72,6 +72,34 @@ def mean_pooled_embeddings(gpt: GPT, token_lists: list[list[int]], batch_size: i
     return torch.cat(out) if out else torch.empty(0, gpt.config.n_embd)
 
 
+# one token of a scored text: (token id, its log probability given the tokens before it, the most
+# likely tokens there as (id, log probability)); the first token has no logprob and no alternatives
+ScoredToken = tuple[int, float | None, list[tuple[int, float]] | None]
+
+
+@torch.inference_mode()
+def prompt_logprobs(gpt: GPT, token_lists: list[list[int]], top: int = 0, rows: int = 256) -> list[list[ScoredToken]]:
+    """Every token of each sequence scored by the model: what OpenAI's ``echo`` with ``logprobs``
+    returns for the prompt, and how evaluation harnesses score a text (``max_tokens: 0``). The LM
+    head runs on ``rows`` positions at a time, so a long text never holds all its logits at once."""
+    device = gpt.transformer.wte.weight.device
+    scored = []
+    for ids in token_lists:
+        hidden = gpt.hidden_states(torch.tensor([ids], device=device))[0]
+        entries: list[ScoredToken] = [(ids[0], None, None)]
+        for start in range(0, len(ids) - 1, rows):     # position p predicts token p + 1
+            stop = min(start + rows, len(ids) - 1)
+            logp = torch.log_softmax(gpt.lm_head(hidden[start:stop]).float(), dim=-1).cpu()
+            targets = torch.tensor(ids[start + 1:stop + 1])
+            chosen = logp.gather(1, targets[:, None])[:, 0].tolist()
+            best = logp.topk(top, dim=-1) if top else None
+            for i, target in enumerate(targets.tolist()):
+                alternatives = list(zip(best.indices[i].tolist(), best.values[i].tolist())) if best is not None else []
+                entries.append((target, chosen[i], alternatives))
+        scored.append(entries)
+    return scored
+
+
 def pad_right(token_lists: list[list[int]], device: torch.device | str = "cpu",
               pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A [B, longest] batch padded on the right, and each row's real length."""

@@ -51,14 +51,19 @@ async def charge(state: ServerState, request: Request, tokens: int, remedy: str,
                        code="rate_limit_exceeded", headers={"Retry-After": str(int(wait))})
 
 
+def check_request(state: ServerState, prompt_ids: list[int], params: SamplingParams) -> None:
+    """The backend's checks (empty, too long, ids outside the vocabulary ...) as a 400."""
+    try:
+        state.backend.check(prompt_ids, params)
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="prompt") from None
+
+
 async def admit(state: ServerState, request: Request, prompts: list[list[int]],
                 params: list[SamplingParams]) -> list[Handle]:
     """Validate against the context, charge the rate limits, and submit everything or nothing."""
     for ids, p in zip(prompts, params):
-        try:
-            state.backend.check(ids, p)
-        except ValueError as exc:
-            raise APIError(400, str(exc), param="prompt") from None
+        check_request(state, ids, p)
     await charge(state, request, sum(len(ids) + p.max_new_tokens for ids, p in zip(prompts, params)),
            "lower max_tokens or n", "max_tokens")
     handles = []

@@ -13,7 +13,7 @@ from typing import AsyncIterator, Protocol
 import torch
 
 from ..config import ModelConfig
-from ..heads import SequenceClassifier, mean_pooled_embeddings
+from ..heads import ScoredToken, SequenceClassifier, mean_pooled_embeddings, prompt_logprobs
 from ..inference.engine import Engine, EngineStopped, TokenEvent
 from ..inference.sampling import SamplingParams
 from ..tokenizer import Tokenizer
@@ -44,6 +44,7 @@ class Backend(Protocol):
     async def submit(self, prompt_ids: list[int], params: SamplingParams) -> Handle: ...
     async def embed(self, token_lists: list[list[int]]) -> torch.Tensor: ...
     async def classify(self, token_lists: list[list[int]]) -> torch.Tensor: ...
+    async def score(self, token_lists: list[list[int]], top: int) -> list[list[ScoredToken]]: ...
     def loads(self) -> dict[str | None, dict[str, float]]:
         """Each engine's numbers for metrics.EngineLoads, by replica (None: the only engine; replicas
         add their "pid"); empty while no engine has reported."""
@@ -78,6 +79,10 @@ class LocalBackend:
             raise ValueError("this model has no classification head")
         classifier = self.classifier
         return await asyncio.wrap_future(self.engine.call(lambda: classifier.predict(token_lists)))
+
+    async def score(self, token_lists: list[list[int]], top: int) -> list[list[ScoredToken]]:
+        model = self.engine.model
+        return await asyncio.wrap_future(self.engine.call(lambda: prompt_logprobs(model, token_lists, top)))
 
     def loads(self) -> dict[str | None, dict[str, float]]:
         return {None: engine_load(self.engine)}     # None: the one engine, no replica label

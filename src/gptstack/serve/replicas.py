@@ -148,6 +148,9 @@ class EngineReplica:
     async def classify(self, token_lists: list[list[int]]) -> torch.Tensor:
         return await self.backend.classify(token_lists)
 
+    async def score(self, token_lists: list[list[int]], top: int) -> list:
+        return await self.backend.score(token_lists, top)
+
     def check_health(self) -> None:
         """Ray restarts a replica whose engine loop has died."""
         if not self.backend.engine.running:
@@ -257,9 +260,12 @@ class ReplicaBackend:
     async def classify(self, token_lists: list[list[int]]) -> torch.Tensor:
         return await self._call("classify", token_lists)
 
-    async def _call(self, method: str, token_lists: list[list[int]]):
+    async def score(self, token_lists: list[list[int]], top: int) -> list:
+        return await self._call("score", token_lists, top)
+
+    async def _call(self, method: str, *args):
         try:
-            return await getattr(self.engines, method).remote(token_lists)
+            return await getattr(self.engines, method).remote(*args)
         except BackPressureError as exc:
             raise QueueFull(exc.message) from None
         except RayActorError:

@@ -84,7 +84,7 @@ PASSED_THROUGH = sorted(({f.name for f in dataclasses.fields(SamplingParams)} & 
 
 class CompletionRequest(SamplingFields):
     prompt: Union[StrictStr, list[StrictStr], list[int], list[list[int]]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)   # 0 with echo: score the prompt, generate nothing
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: StrictBool = False
     suffix: str | None = None
@@ -93,7 +93,7 @@ class CompletionRequest(SamplingFields):
     def sampling_params(self, sample: int, chosen_logprobs: bool = False) -> SamplingParams:
         """``chosen_logprobs``: report each token's logprob even if the request did not ask (best_of)."""
         logprobs = self.logprobs if not chosen_logprobs or self.logprobs is not None else 0
-        return self._sampling_params(sample, self.max_tokens or 16, self.stop, logprobs)
+        return self._sampling_params(sample, 16 if self.max_tokens is None else self.max_tokens, self.stop, logprobs)
 
 
 class TextContent(StrictModel):
