@@ -1,6 +1,7 @@
 import asyncio
 import dataclasses
 import math
+import threading
 import time
 
 import pytest
@@ -311,7 +312,6 @@ def test_weight_only_int8_linear_is_close():
 
 
 def test_call_runs_on_the_engine_thread_between_steps(engine):
-    import threading
     from gptstack.inference.engine import EngineStopped
     handle = engine.submit(engine.tokenizer.encode("ROMEO:"), SamplingParams(max_new_tokens=20, ignore_eos=True))
     future = engine.call(lambda: (threading.current_thread().name, torch.is_inference_mode_enabled()))
@@ -338,3 +338,29 @@ def test_a_second_caller_during_an_inline_stream_is_refused(tiny_checkpoint):
         engine.generate(["JULIET:"], SamplingParams(max_new_tokens=5))
     assert len(list(first)) >= 1
     assert engine.generate(["JULIET:"], SamplingParams(max_new_tokens=5, ignore_eos=True))[0].finish_reason == "length"
+
+
+def test_a_failing_loop_ends_every_request_with_engine_stopped(tiny_checkpoint, monkeypatch):
+    """A fault in a step (injected: the forward raises, as an out-of-memory would) must not leave
+    requests waiting forever nor the engine looking alive to a health check."""
+    from gptstack.inference.engine import EngineStopped
+    model, tok, _ = load_model(tiny_checkpoint)
+    engine = Engine(model, tok, EngineConfig(max_batch_size=1, max_queue=3))
+
+    submitted = threading.Event()
+
+    def out_of_memory(plan):
+        submitted.wait(timeout=30)
+        raise RuntimeError("injected: out of memory")
+    monkeypatch.setattr(engine, "_forward", out_of_memory)
+    params = SamplingParams(max_new_tokens=5, ignore_eos=True)
+    engine.start()
+    handles = [engine.submit([1, 2, 3], params) for _ in range(3)]    # one running, two waiting
+    submitted.set()
+    for handle in handles:
+        with pytest.raises(EngineStopped, match="injected: out of memory"):
+            list(handle)
+    assert not engine.alive and "RuntimeError" in str(engine.failure)
+    with pytest.raises(EngineStopped):
+        engine.submit([1, 2, 3], params)
+    engine.shutdown()

@@ -167,3 +167,27 @@ def test_killed_replica_fails_only_its_own_streams(replicas):
     time.sleep(LOAD_STALE_SECONDS := 3.5)      # the dead replica's last report expires
     engines = wait_for_engines(replicas, 2)
     assert len(engines) == 2 and victim not in engines, engines
+
+
+def test_sigterm_drains_streams_in_flight_then_exits(replicas):
+    """Last (it stops the server): SIGTERM lets the streams already running finish every token,
+    then the process exits 0."""
+    c = client(replicas, KEYS[4])
+    started = [threading.Event() for _ in range(2)]
+    tokens = [0, 0]
+
+    def stream(i):
+        for chunk in c.completions.create(model="tiny", prompt="ROMEO:", max_tokens=300, stream=True,
+                                          stream_options={"include_usage": True}, extra_body={"ignore_eos": True}):
+            started[i].set()
+            if chunk.usage:
+                tokens[i] = chunk.usage.completion_tokens
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    assert all(e.wait(60) for e in started)
+    replicas.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(120)
+    assert replicas.proc.wait(timeout=120) == 0, replicas.output()
+    assert tokens == [300, 300], f"streams were cut by the shutdown: {tokens}"

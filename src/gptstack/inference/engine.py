@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import logging
 import threading
 import time
 from concurrent.futures import Future
@@ -55,8 +56,11 @@ class QueueFull(RuntimeError):
     """The engine's waiting queue is at its bound; try again later."""
 
 
+log = logging.getLogger("gptstack.engine")
+
+
 class EngineStopped(RuntimeError):
-    """The engine is shutting down and takes no new requests."""
+    """The engine is shutting down (or its loop failed) and takes no new requests."""
 
 
 @dataclass
@@ -135,32 +139,44 @@ class RequestHandle:
         self._ready = asyncio.Event() if loop is not None else None
         self.cancelled = False
         self.finished = False
+        self.error: Exception | None = None     # set when the engine loop failed under this request
         self.submitted_at = time.perf_counter()
 
     def cancel(self) -> None:
         """Stop generating; its row and blocks are freed at the engine's next step."""
         self.cancelled = True
 
-    def _push(self, event: TokenEvent) -> None:   # engine thread
+    def _push(self, event: TokenEvent | None) -> None:   # engine thread; None: only wake the consumer
         with self._cond:
-            self._events.append(event)
+            if event is not None:
+                self._events.append(event)
             self._cond.notify_all()
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._ready.set)
 
+    def _fail(self, error: Exception) -> None:   # engine thread: the loop died, the request cannot finish
+        self.error = error
+        self.finished = True
+        self._push(None)
+
     def drain(self) -> list[TokenEvent]:
-        """The events that have arrived, without waiting (for a caller that runs the loop itself)."""
+        """The events that have arrived, without waiting (for a caller that runs the loop itself);
+        raises the engine's failure once they are consumed."""
         with self._cond:
             events = list(self._events)
             self._events.clear()
             if self._ready is not None:
                 self._ready.clear()
+        if not events and self.error is not None:
+            raise self.error
         return events
 
     def __iter__(self) -> Iterator[TokenEvent]:
         while True:
             with self._cond:
                 while not self._events:
+                    if self.error is not None:
+                        raise self.error
                     self._cond.wait()
                 event = self._events.popleft()
             yield event
@@ -239,6 +255,7 @@ class Engine:
         self._running = False
         self._inline = False        # a generate()/stream() is running the loop in its caller's thread
         self._thread: threading.Thread | None = None
+        self.failure: EngineStopped | None = None    # why the loop died, if it did
         self.stats = collections.Counter()       # requests, tokens, cancelled, steps ...
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -249,6 +266,11 @@ class Engine:
     @property
     def running(self) -> bool:
         return self._running
+
+    @property
+    def alive(self) -> bool:
+        """Running, and (when started in the background) its loop thread has not died."""
+        return self._running and (self._thread is None or self._thread.is_alive())
 
     def start(self) -> "Engine":
         """Run the loop in a background thread (for asyncio callers and tests)."""
@@ -262,10 +284,13 @@ class Engine:
         return self
 
     def run(self) -> None:
-        """Run the loop in this thread until shutdown() is called from another one."""
+        """Run the loop in this thread until shutdown() is called from another one; raises
+        EngineStopped if the loop failed."""
         with self._lock:
             self._running = True
         self._serve()
+        if self.failure is not None:
+            raise self.failure
 
     def shutdown(self) -> None:
         with self._lock:
@@ -415,9 +440,26 @@ class Engine:
 
     # --- the loop -------------------------------------------------------------------------------
     def _serve(self) -> None:
-        with torch.inference_mode():
-            while self._wait_for_work():
-                self._step()
+        try:
+            with torch.inference_mode():
+                while self._wait_for_work():
+                    self._step()
+        except Exception as exc:   # a bug or an out-of-memory: end every request with it, take no more
+            log.exception("the engine loop failed; it takes no more requests")
+            self.failure = EngineStopped(f"the engine failed ({type(exc).__name__}: {exc})")
+            self._fail_all(self.failure)
+
+    def _fail_all(self, error: EngineStopped) -> None:
+        with self._lock:
+            self._running = False
+            requests = list(self._active) + list(self._waiting)
+            self._active.clear()
+            self._waiting.clear()
+            self._lock.notify_all()
+        for request in requests:
+            request.handle._fail(error)
+        while self._calls:
+            self._calls.popleft()[1].set_exception(error)
 
     def _wait_for_work(self) -> bool:
         """Block until there is something to do (False: shut down), then admit what fits."""

@@ -70,10 +70,12 @@ async def admit(state: ServerState, request: Request, prompts: list[list[int]],
     try:
         for ids, p in zip(prompts, params):
             handles.append(await state.backend.submit(ids, p))
-    except (QueueFull, EngineStopped) as exc:
+    except BaseException as exc:    # refused, or the client left mid-way: nothing stays running
         for h in handles:
             h.cancel()
-        raise overloaded(exc) from None
+        if isinstance(exc, (QueueFull, EngineStopped)):
+            raise overloaded(exc) from None
+        raise
     if state.config.log_prompts:
         log.info("prompts key=%s: %s", request.state.key_id, [state.tokenizer.decode(ids) for ids in prompts])
     return handles

@@ -85,7 +85,8 @@ class LocalBackend:
         return await asyncio.wrap_future(self.engine.call(lambda: prompt_logprobs(model, token_lists, top)))
 
     def loads(self) -> dict[str | None, dict[str, float]]:
-        return {None: engine_load(self.engine)}     # None: the one engine, no replica label
+        # None: the one engine, no replica label; nothing once its loop has failed (not ready)
+        return {} if self.engine.failure is not None else {None: engine_load(self.engine)}
 
     def start(self) -> None:
         if self.start_engine:

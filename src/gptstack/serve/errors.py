@@ -29,9 +29,13 @@ class APIError(Exception):
 
 
 def overloaded(reason: Exception) -> APIError:
-    """The engine's queue is full or it is stopping: worth a retry in a moment."""
-    return APIError(503, f"the server is at capacity ({reason}); retry shortly", "server_overloaded",
-                    code="overloaded", headers={"Retry-After": "1"})
+    """The engine's queue is full, or it stopped (shutting down, failed, its replica died): either
+    way worth a retry in a moment, and the message says which."""
+    if isinstance(reason, QueueFull):
+        return APIError(503, f"the server is at capacity ({reason}); retry shortly", "server_overloaded",
+                        code="overloaded", headers={"Retry-After": "1"})
+    return APIError(503, f"{reason}; retry the request", "server_error", code="engine_stopped",
+                    headers={"Retry-After": "1"})
 
 
 def error_response(status: int, message: str, type_: str = "invalid_request_error", param=None, code=None,

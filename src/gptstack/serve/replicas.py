@@ -33,7 +33,7 @@ from pathlib import Path
 import ray
 import torch
 from ray import serve
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
@@ -62,6 +62,11 @@ class SharedState:
         self.limiter = RateLimiter(requests_per_minute, tokens_per_minute)
         self.loads: dict[str, tuple[float, dict]] = {}
 
+    def configure(self, requests_per_minute: int, tokens_per_minute: int) -> None:
+        """A redeploy with new limits finds this actor alive (detached): take the new ones."""
+        if (requests_per_minute, tokens_per_minute) != (self.limiter.limits["requests"], self.limiter.limits["tokens"]):
+            self.limiter = RateLimiter(requests_per_minute, tokens_per_minute)
+
     def acquire(self, key_id: str, tokens: int) -> float:
         return self.limiter.acquire(key_id, tokens)
 
@@ -76,11 +81,16 @@ class SharedState:
         return {r: load for r, (at, load) in self.loads.items() if now - at < LOAD_STALE_SECONDS}
 
 
-def shared_state(app_name: str, options: ServeOptions) -> ray.actor.ActorHandle:
-    """The application's SharedState, created by whichever replica asks first. Detached, so that it
-    outlives the task that builds the application (KubeRay); `serve --replicas` kills it on exit."""
-    return SharedState.options(name=f"{app_name}-shared", namespace=NAMESPACE, lifetime="detached",
-                               get_if_exists=True).remote(options.requests_per_minute, options.tokens_per_minute)
+def shared_state(options: ServeOptions) -> ray.actor.ActorHandle:
+    """This replica's application's SharedState, created by whichever replica asks first. Detached,
+    so that it outlives the task that builds the application (KubeRay); `serve --replicas` kills it
+    on exit. Ray restarts it if its process dies (the buckets start full again)."""
+    limits = options.requests_per_minute, options.tokens_per_minute
+    state = SharedState.options(name=f"{serve.get_replica_context().app_name}-shared", namespace=NAMESPACE,
+                                lifetime="detached", get_if_exists=True, max_restarts=-1,
+                                max_task_retries=-1).remote(*limits)
+    state.configure.remote(*limits)
+    return state
 
 
 class SharedRateLimiter(RateLimiter):
@@ -93,32 +103,41 @@ class SharedRateLimiter(RateLimiter):
     async def take(self, key_id: str, tokens: int) -> float:
         if not any(self.limits.values()):
             return 0.0
-        return await self.state.acquire.remote(key_id, tokens)
+        try:
+            return await self.state.acquire.remote(key_id, tokens)
+        except RayError as exc:     # restarting: refuse for now (503) rather than serve unlimited
+            raise EngineStopped(f"the rate-limit state is unavailable ({type(exc).__name__})") from None
 
 
-def pin_threads(threads: int, rank: int) -> list[int]:
-    """Use ``threads`` threads on cores of this replica's own (by its rank), so that N replicas on
-    N cores do not fight over them. Returns the cores."""
+def pin_threads(threads: int, local_rank: int) -> list[int]:
+    """Use ``threads`` threads on cores of this replica's own (by its rank on this node), so that N
+    replicas on N cores do not fight over them. Returns the cores."""
     cores = sorted(os.sched_getaffinity(0))
-    mine = [cores[(rank * threads + i) % len(cores)] for i in range(min(threads, len(cores)))]
+    mine = [cores[(local_rank * threads + i) % len(cores)] for i in range(min(threads, len(cores)))]
     os.sched_setaffinity(0, mine)
-    torch.set_num_threads(threads)
+    torch.set_num_threads(len(mine))
     return mine
+
+
+def local_error(exc: RayTaskError) -> Exception:
+    """What a replica raised, as it raised it (Ray's wrapper reads as the remote traceback)."""
+    cause = exc.cause
+    return cause if isinstance(cause, Exception) else EngineStopped(f"a replica failed: {type(cause).__name__}")
 
 
 class EngineReplica:
     """One engine in its own Ray actor process: decodes what the ingress sends it."""
 
-    def __init__(self, options: ServeOptions, threads: int, app_name: str):
+    def __init__(self, options: ServeOptions, threads: int):
         context = serve.get_replica_context()
         self.name = f"{context.replica_tag}"
-        cores = pin_threads(threads, context.rank.rank)
+        cores = pin_threads(threads, getattr(context.rank, "local_rank", context.rank))   # an int before Ray 2.5x
         tune_allocator()
         torch.set_grad_enabled(False)
         engine, _, classifier = build_engine(options)
         self.backend = LocalBackend(engine, classifier)
         self.backend.start()
-        self.shared = shared_state(app_name, options)
+        self.shared = shared_state(options)
         self._reporting = threading.Event()
         threading.Thread(target=self._report_load, name="load-report", daemon=True).start()
         log.info("engine replica %s (pid %d) on cores %s, %d threads", self.name, os.getpid(), cores, threads)
@@ -153,15 +172,18 @@ class EngineReplica:
 
     def check_health(self) -> None:
         """Ray restarts a replica whose engine loop has died."""
-        if not self.backend.engine.running:
-            raise RuntimeError("the engine loop is not running")
+        engine = self.backend.engine
+        if not engine.alive:
+            raise RuntimeError(f"the engine loop is not running: {engine.failure or 'stopped'}")
 
     def __del__(self):    # Ray drains the replica's requests first (graceful_shutdown_timeout_s)
+        if self._reporting.is_set():
+            return
         self._reporting.set()
         self.backend.shutdown()
         try:
             self.shared.forget.remote(self.name)
-        except Exception:
+        except Exception:     # the shared actor is gone already (the app is being deleted)
             pass
 
 
@@ -193,23 +215,30 @@ class RemoteRequest:
                 return self
             except BackPressureError as exc:
                 raise QueueFull(f"every replica is busy and {exc.message}") from None
+            except RayTaskError as exc:      # the replica refused it (its engine is stopping, ...)
+                raise local_error(exc) from None
             except RayActorError:
                 log.warning("an engine replica died before taking a request; trying another (%d)", attempt + 1)
+            except asyncio.CancelledError:   # the client left while we waited: free the replica's row
+                self._stream.cancel()
+                raise
         raise EngineStopped("no engine replica could take the request")
 
     async def _next_event(self) -> TokenEvent:
         """The stream's next event; RayActorError if the replica died (raised by Ray, or seen as
         silence in the load reports)."""
         pending = asyncio.ensure_future(self._stream.__anext__())
-        while True:
-            done, _ = await asyncio.wait({pending}, timeout=LOAD_REPORT_SECONDS)
-            if done:
-                return pending.result()
-            reporting = self.replica in self.backend.loads()
-            if not reporting and time.monotonic() - self._started_at > 2 * LOAD_STALE_SECONDS:
-                pending.cancel()
-                self._stream.cancel()
-                raise RayActorError()
+        try:
+            while True:
+                done, _ = await asyncio.wait({pending}, timeout=LOAD_REPORT_SECONDS)
+                if done:
+                    return pending.result()
+                reporting = self.replica in self.backend.loads()
+                if not reporting and time.monotonic() - self._started_at > 2 * LOAD_STALE_SECONDS:
+                    self._stream.cancel()
+                    raise RayActorError()
+        finally:
+            pending.cancel()
 
     async def __aiter__(self):
         while True:
@@ -217,6 +246,8 @@ class RemoteRequest:
                 event = await self._next_event()
             except StopAsyncIteration:
                 return
+            except RayTaskError as exc:     # the replica's engine failed under this request
+                raise local_error(exc) from None
             except RayActorError:
                 if self.tokens_sent or self.retries == 0:
                     raise ReplicaLost(f"engine replica {self.replica} stopped (its process died) after sending "
@@ -268,6 +299,8 @@ class ReplicaBackend:
             return await getattr(self.engines, method).remote(*args)
         except BackPressureError as exc:
             raise QueueFull(exc.message) from None
+        except RayTaskError as exc:
+            raise local_error(exc) from None
         except RayActorError:
             raise EngineStopped("the replica running this request stopped") from None
 
@@ -278,8 +311,8 @@ class ReplicaBackend:
         while True:
             try:
                 self._loads = await self.shared.current_loads.remote()
-            except RayActorError:
-                log.warning("the shared state actor is unreachable; /metrics shows the last loads")
+            except Exception:      # restarting, or a network hiccup: try again next time
+                log.warning("the shared state actor is unreachable; /metrics shows the last loads", exc_info=True)
             await asyncio.sleep(LOAD_REPORT_SECONDS)
 
     def start(self) -> None:
@@ -294,11 +327,11 @@ class ReplicaBackend:
 class Ingress:
     """The HTTP side: the server's FastAPI app over the engine replicas."""
 
-    def __init__(self, engines: DeploymentHandle, options: ServeOptions, app_name: str):
-        self.engines, self.options, self.app_name = engines, options, app_name
+    def __init__(self, engines: DeploymentHandle, options: ServeOptions):
+        self.engines, self.options = engines, options
 
     def __serve_build_asgi_app__(self):
-        shared = shared_state(self.app_name, self.options)
+        shared = shared_state(self.options)
         limiter = SharedRateLimiter(shared, self.options.requests_per_minute, self.options.tokens_per_minute)
         backend = ReplicaBackend(self.engines, shared, self.options.checkpoint, self.options.max_seq_len)
         config = dataclasses.replace(serve_config(self.options, stored_template(self.options.checkpoint)), limiter=limiter)
@@ -314,12 +347,11 @@ def application(args: dict) -> serve.Application:
     RayService's serveConfigV2 ``args`` give them, or `serve --replicas` does)."""
     replica_fields = {f.name for f in dataclasses.fields(ReplicaOptions)}
     serve_fields = {f.name for f in dataclasses.fields(ServeOptions)}
-    unknown = set(args) - replica_fields - serve_fields - {"app_name"}
+    unknown = set(args) - replica_fields - serve_fields
     if unknown:
         raise ValueError(f"unknown application args {sorted(unknown)}; known: {sorted(replica_fields | serve_fields)}")
     replicas = ReplicaOptions(**{k: v for k, v in args.items() if k in replica_fields}).validate()
     options = ServeOptions(**{k: v for k, v in args.items() if k in serve_fields})
-    app_name = args.get("app_name", "gptstack")
     threads = replicas.threads(int(ray.cluster_resources().get("CPU", os.cpu_count())) if ray.is_initialized()
                                else os.cpu_count())
     per_replica = options.max_batch_size + options.max_queue
@@ -331,10 +363,10 @@ def application(args: dict) -> serve.Application:
     engines = serve.deployment(EngineReplica).options(
         name="EngineReplica", ray_actor_options={"num_cpus": threads}, max_ongoing_requests=per_replica,
         max_queued_requests=options.max_queue, graceful_shutdown_timeout_s=options.graceful_shutdown_seconds,
-        health_check_period_s=5, **scaling).bind(options, threads, app_name)
+        health_check_period_s=5, **scaling).bind(options, threads)
     return serve.deployment(Ingress).options(
         name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4 * per_replica * most,
-        graceful_shutdown_timeout_s=options.graceful_shutdown_seconds).bind(engines, options, app_name)
+        graceful_shutdown_timeout_s=options.graceful_shutdown_seconds).bind(engines, options)
 
 
 def serve_replicas(options: ServeOptions, replicas: ReplicaOptions, app_name: str = "gptstack") -> None:
@@ -356,7 +388,7 @@ def serve_replicas(options: ServeOptions, replicas: ReplicaOptions, app_name: st
         signal.signal(signum, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": options.host, "port": options.port})
-        serve.run(application({**dataclasses.asdict(options), **dataclasses.asdict(replicas), "app_name": app_name}),
+        serve.run(application({**dataclasses.asdict(options), **dataclasses.asdict(replicas)}),
                   name=app_name, route_prefix="/", blocking=False)
         announce(options, options.api_keys[0] if options.api_keys else "$GPTSTACK_API_KEY", "http")
         count = f"{replicas.min_replicas}-{replicas.max_replicas}" if replicas.autoscaling else replicas.replicas or 1
@@ -365,7 +397,8 @@ def serve_replicas(options: ServeOptions, replicas: ReplicaOptions, app_name: st
         stop.wait()
     finally:
         serve.delete(app_name)            # drains: replicas finish their requests first
-        serve.shutdown()
+        if not replicas.ray_address:      # Serve on a cluster we joined is not ours to stop
+            serve.shutdown()
         try:
             ray.kill(ray.get_actor(f"{app_name}-shared", namespace=NAMESPACE))
         except ValueError:

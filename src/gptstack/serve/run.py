@@ -60,7 +60,7 @@ class ReplicaOptions:
     """Engine replicas on Ray Serve (serve/replicas.py, `pip install gptstack[ray]`): ``replicas``
     of them, or autoscaling between ``min_replicas`` and ``max_replicas``. All unset: one process."""
     replicas: int = 0                     # engine replicas on Ray Serve; 0 = one process, no Ray
-    min_replicas: int = 0                 # autoscaling: fewest replicas
+    min_replicas: int = 1                 # autoscaling: fewest replicas (at least 1: /ready needs one)
     max_replicas: int = 0                 # autoscaling: most replicas; 0 = a fixed number
     threads_per_replica: int = 0          # 0 = the cores shared evenly (by max_replicas when autoscaling)
     target_ongoing_requests: float = 0    # autoscaling keeps about this many requests per replica; 0 = max_batch_size
@@ -75,10 +75,10 @@ class ReplicaOptions:
         return bool(self.max_replicas)
 
     def validate(self) -> "ReplicaOptions":
-        if self.autoscaling and not 0 <= self.min_replicas <= self.max_replicas:
-            raise ValueError(f"autoscaling needs 0 <= min_replicas <= max_replicas, got {self.min_replicas} "
+        if self.autoscaling and not 1 <= self.min_replicas <= self.max_replicas:
+            raise ValueError(f"autoscaling needs 1 <= min_replicas <= max_replicas, got {self.min_replicas} "
                              f"and {self.max_replicas}")
-        if self.min_replicas and not self.autoscaling:
+        if self.min_replicas != 1 and not self.autoscaling:
             raise ValueError("min_replicas needs max_replicas (autoscaling between the two)")
         if self.replicas < 0 or self.threads_per_replica < 0:
             raise ValueError("replicas and threads_per_replica must be >= 0")
@@ -183,8 +183,11 @@ def serve(options: ServeOptions) -> None:
           f"(OpenAI API under /v1, playground at /)", flush=True)
     http.start()
     threading.Thread(target=watch_http, name="http-watch", daemon=True).start()
-    engine.run()
-    http.join()
+    try:
+        engine.run()
+    finally:    # the engine stopped (or failed: then stop serving too, so a supervisor restarts us)
+        server.should_exit = True
+        http.join()
     if not server.started:
         raise ValueError(f"the server could not start on {options.host}:{options.port} (see the log above; "
                          "is the port in use? pass --port)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from contextlib import aclosing
 from typing import AsyncIterator, Callable
@@ -18,6 +19,8 @@ from .backend import Handle
 from .errors import APIError
 from .metrics import ServerMetrics
 from .schemas import error_body, usage
+
+log = logging.getLogger("gptstack.serve")
 
 # builds a stream chunk's choice from (choice index, event, whether it is that choice's first chunk)
 ChunkChoice = Callable[[int, TokenEvent, bool], dict]
@@ -118,6 +121,11 @@ async def sse_chunks(handles: list[Handle], head: dict, choice: ChunkChoice,
     except EngineStopped as exc:
         metrics.count_error(503)
         yield sse(error_body(f"{exc}; retry the request", "server_error", None, "engine_stopped"))
+        return
+    except Exception:    # headers are sent: the client hears of it as an error event, not a cut stream
+        log.exception("a stream failed")
+        metrics.count_error(500)
+        yield sse(error_body("internal error; the server log has the details", "server_error", None, None))
         return
     if include_usage:
         yield sse({**head, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
