@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 PORT   ?= 8000
 
-.PHONY: install install-test demo sst2 test bench clean
+.PHONY: install install-test demo sst2 ner dialogue test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,11 +36,30 @@ demo: install
 	$(BIN)/gptstack generate --checkpoint runs/demo/best --prompt "First Citizen:" --max-new-tokens 120 --seed 2 --temperature 0.8
 	$(BIN)/gptstack serve --checkpoint runs/demo/best --model-name shakespeare --port $(PORT)
 
-## sst2: the fine-tuning recipe: pretrain the demo model (if not done), fine-tune SST-2, evaluate
+## sst2: the fine-tuning recipe: pretrain the demo model (if not done), fine-tune SST-2, evaluate on a
+## held-out test split beside a TF-IDF + logistic-regression baseline on the same split
 sst2: install
 	test -f runs/demo/result.json || $(BIN)/gptstack train --config configs/demo.yaml   # resumes a stopped demo run
 	$(BIN)/gptstack finetune --config configs/sst2.yaml
-	$(BIN)/gptstack eval --checkpoint runs/sst2/best --data runs/sst2/splits/val.jsonl --report runs/sst2/report.html
+	$(BIN)/gptstack eval --checkpoint runs/sst2/best --data runs/sst2/splits/test.jsonl --report runs/sst2/report.html
+	$(BIN)/pip install --quiet --no-build-isolation -e '.[baselines]'    # scikit-learn for the baseline
+	$(BIN)/python bench/sst2_baseline.py --run runs/sst2
+
+## ner: pretrain the demo model (if not done), fine-tune a WNUT 2017 tagger, evaluate it on dev beside a CRF
+WNUT := src/gptstack/assets/wnut17
+ner: install
+	test -f runs/demo/result.json || $(BIN)/gptstack train --config configs/demo.yaml
+	$(BIN)/gptstack finetune --task token_classification --init_from runs/demo/best --out_dir runs/ner \
+	    --data $(WNUT)/train.conll --eval_data $(WNUT)/dev.conll --max_steps 600 --learning_rate 1e-3 --best_metric f1_micro
+	$(BIN)/gptstack eval --checkpoint runs/ner/best --data $(WNUT)/dev.conll --report runs/ner/report.html
+	$(BIN)/pip install --quiet --no-build-isolation -e '.[baselines]'    # sklearn-crfsuite for the baseline
+	$(BIN)/python bench/ner_baseline.py --checkpoint runs/ner/best
+
+## dialogue: the multi-turn recipe: pretrain the demo model (if not done), fine-tune it on the bookshop
+## conversations; then `gptstack serve --checkpoint runs/dialogue/best` (README: A multi-turn assistant)
+dialogue: install
+	test -f runs/demo/result.json || $(BIN)/gptstack train --config configs/demo.yaml
+	$(BIN)/gptstack finetune --config configs/dialogue.yaml
 
 ## test: install with test extras and run the whole suite
 test: install-test

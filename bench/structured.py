@@ -1,5 +1,6 @@
-"""What grammar-constrained decoding (`response_format`) costs: decode tokens/s with and without a
-JSON schema, at 1 and 8 concurrent requests, on the engine in this process.
+"""What grammar-constrained decoding costs (`response_format`, and tool calls: a named function, or
+`auto` between text and calls): decode tokens/s with and without a grammar, at 1 and 8 concurrent
+requests, on the engine in this process.
 
 The model is GPT-2 124M-shaped from a fixed seed (random weights: the grammar, not the model,
 decides the output's shape). Each row decodes N new tokens per request with ignore_eos, so both
@@ -24,7 +25,7 @@ from gptstack.config import preset
 from gptstack.inference.engine import Engine, EngineConfig
 from gptstack.inference.quantize import prepare_weights
 from gptstack.inference.sampling import SamplingParams
-from gptstack.inference.structured import response_format_grammar
+from gptstack.inference.structured import response_format_grammar, tool_call_grammar
 from gptstack.model import GPT
 from gptstack.runtime import tune_allocator
 from gptstack.tokenizer import load_tokenizer
@@ -33,8 +34,18 @@ SCHEMA = {"type": "object", "properties": {
     "name": {"type": "string"}, "age": {"type": "integer"}, "tags": {"type": "array", "items": {"type": "string"}},
     "address": {"type": "object", "properties": {"city": {"type": "string"}, "zip": {"type": "string"}},
                 "required": ["city", "zip"]}}, "required": ["name", "age", "tags", "address"]}
-FORMATS = {"none (text)": None, "json_object": {"type": "json_object"},
-           "json_schema (strict)": {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA, "strict": True}}}
+FUNCTIONS = [{"name": "add_person", "parameters": SCHEMA},
+             {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                    "required": ["city"]}}]
+GRAMMARS = {
+    "none (text)": lambda: None,
+    "response_format json_object": lambda: response_format_grammar({"type": "json_object"}),
+    "response_format json_schema (strict)": lambda: response_format_grammar(
+        {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA, "strict": True}}),
+    "tools, tool_choice named": lambda: tool_call_grammar(FUNCTIONS, "function", "add_person"),
+    "tools, tool_choice required (2 tools, parallel)": lambda: tool_call_grammar(FUNCTIONS, "required"),
+    "tools, tool_choice auto": lambda: tool_call_grammar(FUNCTIONS, "auto"),
+}
 
 
 def rate(engine: Engine, grammar: str | None, batch: int, new_tokens: int) -> float:
@@ -59,14 +70,14 @@ def main() -> None:
         model, tokenizer, _ = load_model(Path(tmp) / "ck", dtype=dtype)
     engine = Engine(prepare_weights(model, args.weights), tokenizer, EngineConfig(max_batch_size=8))
     rows = []
-    for label, response_format in FORMATS.items():
-        grammar = response_format_grammar(response_format) if response_format else None
+    for label, make_grammar in GRAMMARS.items():
+        grammar = make_grammar()
         rate(engine, grammar, 1, 4)     # warm-up (and the grammar's first compile)
         rows.append((label, [max(rate(engine, grammar, batch, args.new_tokens) for _ in range(args.repeats))
                              for batch in (1, 8)]))
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; GPT-2 124M {args.weights} weights, {args.new_tokens} new tokens, best of {args.repeats}\n")
-    print("| response_format | tokens/s, 1 request | vs text | tokens/s, 8 requests | vs text |")
+    print("| constraint | tokens/s, 1 request | vs text | tokens/s, 8 requests | vs text |")
     print("|---|---:|---:|---:|---:|")
     base = rows[0][1]
     for label, rates in rows:

@@ -48,7 +48,7 @@ def test_sft_targets_cover_only_response_tokens():
                              {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"},
                              {"role": "assistant", "content": "Goodbye."}]}]
     examples = encode_sft(records, tok, "test")
-    x, y, truncated = pack_windows(examples, block_size=64, pad_id=tok.eot_id)
+    x, y, _, truncated = pack_windows(examples, block_size=64, pad_id=tok.eot_id)
     assert x.shape == y.shape == (1, 64) and truncated == 0      # both fit one window
     learned = [t for t in y[0].tolist() if t != IGNORE_INDEX]
     # exactly the responses and their end-of-text, in order (the longer example is packed first)
@@ -61,6 +61,28 @@ def test_sft_targets_cover_only_response_tokens():
     start = next(i for i in range(len(flat)) if flat[i:i + len(prompt_ids)] == prompt_ids)
     assert all(t == IGNORE_INDEX for t in y[0, start:start + len(prompt_ids) - 1].tolist())
 
+
+
+@pytest.mark.parametrize("attention", ["dense", "alternating_banded"])
+def test_packed_conversations_cannot_attend_across_the_boundary(attention):
+    """The logits of a packed window equal those of each conversation run alone (positions from
+    0, no attention to the neighbour), for dense and GPT-3's banded layers alike."""
+    tok = load_tokenizer("gpt2")
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=128, n_layer=2, n_head=2, n_embd=32, embd_pdrop=0,
+                            attn_pdrop=0, resid_pdrop=0, attention=attention, band_width=8)).eval()
+    conversations = [{"messages": [{"role": "user", "content": f"Question {i}: " + "why? " * (3 + 4 * i)},
+                                   {"role": "assistant", "content": "Because. " * (2 + i)}]} for i in range(3)]
+    examples = encode_sft(conversations, tok, "test")
+    x, y, documents, _ = pack_windows(examples, block_size=128, pad_id=tok.eot_id)
+    assert len(x) == 1 and documents[0].unique().numel() == 4        # three conversations and the padding
+    packed = model(x, documents=documents)[0][0]
+    for d in range(3):
+        where = (documents[0] == d).nonzero().squeeze(1)
+        alone = model(x[:, where])[0][0]
+        torch.testing.assert_close(packed[where], alone, rtol=1e-4, atol=1e-4)
+    # and without documents the same window does leak: the check above can fail
+    assert not torch.allclose(model(x)[0][0][documents[0] == 1], model(x[:, documents[0] == 1])[0][0], atol=1e-3)
 
 def test_loss_ignores_prompt_tokens():
     """The fused loss over masked targets equals cross-entropy on the response positions alone,
@@ -94,7 +116,7 @@ def test_chat_format_matches_the_server_template():
 def test_long_examples_keep_their_response():
     tok = load_tokenizer("gpt2")
     examples = encode_sft([{"prompt": "word " * 100, "response": " the answer"}], tok, "test")
-    x, y, truncated = pack_windows(examples, block_size=16, pad_id=tok.eot_id)
+    x, y, _, truncated = pack_windows(examples, block_size=16, pad_id=tok.eot_id)
     assert truncated == 1
     assert [t for t in y[0].tolist() if t != IGNORE_INDEX] == tok.encode(" the answer") + [tok.eot_id]
 
@@ -301,3 +323,52 @@ def test_finetune_data_errors(tiny_checkpoint, tmp_path):
     assert proc.returncode == 2 and "no label column 'label'" in proc.stderr
     with pytest.raises(ConfigError):
         ft_config(tiny_checkpoint, bad, tmp_path, val_fraction=1.5)
+
+
+def test_dialogue_recipe_end_to_end(tiny_checkpoint, tmp_path):
+    """configs/dialogue.yaml on the shipped conversations (shortened): the checkpoint carries the
+    chat format it was trained in, and a live server answers a multi-turn chat with it."""
+    from conftest import Server
+    openai = pytest.importorskip("openai")
+    run_cli("finetune", "--config", str(REPO / "configs" / "dialogue.yaml"), "--init_from", str(tiny_checkpoint),
+            "--out_dir", str(tmp_path / "run"), "--max_epochs", "0", "--max_steps", "12", "--eval_interval", "6",
+            "--progress", "False", "--tensorboard", "False", "--dtype", "fp32", check=True)
+    _, _, config = load_model(tmp_path / "run" / "best")
+    assert config["meta"]["chat_template"] == DEFAULT_CHAT_TEMPLATE
+    server = Server(tmp_path / "run" / "best")
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=server.key, max_retries=0)
+        messages = [{"role": "system", "content": "You are the assistant of Quill & Page, a bookshop."},
+                    {"role": "user", "content": "Do you have Emma?"},
+                    {"role": "assistant", "content": "Yes, we have 3 copies of Emma at 7 pounds."},
+                    {"role": "user", "content": "Can you reserve it for me?"}]
+        reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
+        assert reply.choices[0].message.role == "assistant" and reply.usage.completion_tokens > 0
+        assert reply.usage.prompt_tokens == len(load_tokenizer("gpt2").encode(
+            ImmutableSandboxedEnvironment().from_string(DEFAULT_CHAT_TEMPLATE).render(messages=messages)))
+    finally:
+        server.stop()
+
+
+def test_shipped_dialogue_set_is_what_its_script_writes(tmp_path):
+    """The conversations ship with the script that wrote them: both must agree."""
+    import subprocess
+    import sys
+    subprocess.run([sys.executable, str(REPO / "scripts" / "make_dialogue.py"), str(tmp_path / "b.jsonl")], check=True)
+    shipped = REPO / "src" / "gptstack" / "assets" / "dialogue" / "bookshop.jsonl"
+    assert (tmp_path / "b.jsonl").read_bytes() == shipped.read_bytes()
+    assert all(json.loads(line)["messages"][-1]["role"] == "assistant" for line in shipped.read_text().splitlines())
+
+
+def test_conversations_with_tool_calls_learn_the_calls_not_the_results():
+    tok = load_tokenizer("gpt2")
+    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+    call = {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": "{\"tz\": \"UTC\"}"}}
+    record = {"tools": tools, "messages": [{"role": "user", "content": "Time?"},
+                                           {"role": "assistant", "content": None, "tool_calls": [call]},
+                                           {"role": "tool", "tool_call_id": "c1", "content": "12:00"},
+                                           {"role": "assistant", "content": "Noon."}]}
+    (ids, learn), = encode_sft([record], tok, "test")
+    learned = tok.decode([t for t, m in zip(ids, learn) if m])
+    assert learned == ' <tool_call>[{"name": "get_time", "arguments": {"tz": "UTC"}}]\n Noon.\n<|endoftext|>'
+    assert tok.decode(ids).startswith('Tools: [{"name": "get_time"') and "Tool: 12:00\n" in tok.decode(ids)

@@ -80,9 +80,10 @@ def test_a_field_without_a_command_line_form_is_refused():
 
 def documented_commands() -> list[str]:
     """Every `gptstack ...` command line of the README and the Makefile."""
-    lines = (REPO / "README.md").read_text().splitlines() + (REPO / "Makefile").read_text().splitlines()
-    found = [re.sub(r"^\s*(\$\(BIN\)/)?gptstack ", "", line).replace("$(PORT)", "8000") for line in lines
-             if re.match(r"^\s*(\$\(BIN\)/)?gptstack \w", line)]
+    text = (REPO / "README.md").read_text() + "\n" + (REPO / "Makefile").read_text()
+    lines = text.replace("\\\n", " ").splitlines()          # a command continued with \ is one line
+    found = [re.sub(r"^\s*(\$\(BIN\)/)?gptstack ", "", line).replace("$(PORT)", "8000").rstrip(" &")
+             for line in lines if re.match(r"^\s*(\$\(BIN\)/)?gptstack \w", line)]
     assert len(found) > 20
     return found
 

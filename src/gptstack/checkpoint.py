@@ -3,7 +3,8 @@
 Layout (format_version 1)::
 
     DIR/config.json          {"format_version", "model": ModelConfig, "tokenizer": spec, "meta": {...},
-                              optional "head": {"kind": "classification", "labels": [...]},
+                              optional "head": {"kind": "classification", "labels": [...]} or
+                                  {"kind": "token_classification", "labels": [...], "context": ...},
                               optional "adapter": LoRAConfig}
     DIR/model.safetensors    weights (the LM head is tied to transformer.wte and not stored twice)
     DIR/tokenizer.json       only for Hugging Face tokenizers
@@ -33,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from .files import fsync_path, sha256_file
 from .config import ConfigError, ModelConfig, from_dict
-from .heads import SequenceClassifier
+from .heads import SequenceClassifier, TokenClassifier
 from .lora import LoRAConfig, add_lora, is_lora_key, merge_lora
 from .model import GPT
 from .tokenizer import Tokenizer, load_tokenizer
@@ -46,24 +47,28 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, corrupted or of an unknown format; the message says how to proceed."""
 
 
-def save_checkpoint(directory: str | Path, model: GPT | SequenceClassifier, tokenizer: Tokenizer,
+HEADS = {"classification": SequenceClassifier, "token_classification": TokenClassifier}
+Head = SequenceClassifier | TokenClassifier
+
+
+def save_checkpoint(directory: str | Path, model: GPT | Head, tokenizer: Tokenizer,
                     meta: dict | None = None, train_state: dict | None = None) -> Path:
     """Write a checkpoint atomically. ``train_state`` is any nested dict of tensors and JSON values
-    (optimizer state dicts, RNG states, counters). A classifier's head is stored beside the weights;
+    (optimizer state dicts, RNG states, counters). A task head is stored beside the weights;
     unmerged LoRA adapters go to their own file."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        classifier = model if isinstance(model, SequenceClassifier) else None
-        gpt = unwrap(classifier.gpt if classifier else model)
+        head = model if isinstance(model, (SequenceClassifier, TokenClassifier)) else None
+        gpt = unwrap(head.gpt if head else model)
         state = {k: v.detach().contiguous().cpu() for k, v in gpt.state_dict().items() if k not in TIED_KEYS}
         adapter = {k: state.pop(k) for k in [k for k in state if is_lora_key(k)]}
         config = {"format_version": FORMAT_VERSION, "model": _asdict(gpt.config),
                   "tokenizer": tokenizer.save(tmp), "meta": meta or {}}
-        if classifier is not None:
-            state.update({k: v.detach().contiguous().cpu() for k, v in classifier.head_state().items()})
-            config["head"] = {"kind": "classification", "labels": classifier.labels}
+        if head is not None:
+            state.update({k: v.detach().contiguous().cpu() for k, v in head.head_state().items()})
+            config["head"] = head.head_config()
         if adapter:
             save_file(adapter, tmp / "adapter.safetensors", metadata={"format": "pt"})
             config["adapter"] = gpt.lora_config
@@ -204,24 +209,37 @@ def with_config(model: GPT, cfg: ModelConfig) -> GPT:
 def load_classifier(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                     merge_adapter: bool = True) -> tuple[SequenceClassifier, Tokenizer, dict]:
     """A checkpoint written by a classification fine-tune: backbone plus head, in eval mode."""
+    return _load_with_head(directory, "classification", device, dtype, merge_adapter)
+
+
+def load_token_classifier(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                          merge_adapter: bool = True) -> tuple[TokenClassifier, Tokenizer, dict]:
+    """A checkpoint written by a token-classification (NER) fine-tune: backbone plus head, in eval mode."""
+    return _load_with_head(directory, "token_classification", device, dtype, merge_adapter)
+
+
+def _load_with_head(directory, kind: str, device, dtype, merge_adapter: bool) -> tuple[Head, Tokenizer, dict]:
     model, tokenizer, config = load_model(directory, device, dtype, merge_adapter)
-    classifier = attach_head(model, directory, config)
-    if classifier is None:
-        raise CheckpointError(f"{directory} has no classification head; fine-tune one with "
-                              "`gptstack finetune --task classification`")
-    return classifier, tokenizer, config
+    head = attach_head(model, directory, config)
+    if not isinstance(head, HEADS[kind]):
+        raise CheckpointError(f"{directory} has no {kind.replace('_', '-')} head; fine-tune one with "
+                              f"`gptstack finetune --task {kind}`")
+    return head, tokenizer, config
 
 
-def attach_head(model: GPT, directory: str | Path, config: dict) -> SequenceClassifier | None:
-    """The checkpoint's classifier over an already loaded (perhaps quantized) ``model``, sharing its
+def attach_head(model: GPT, directory: str | Path, config: dict) -> Head | None:
+    """The checkpoint's task head over an already loaded (perhaps quantized) ``model``, sharing its
     weights; None when the checkpoint has no head."""
     head = config.get("head")
-    if not head or head.get("kind") != "classification":
+    if not head:
         return None
-    classifier = SequenceClassifier(model, head["labels"])
-    classifier.load_head_state(load_weights(directory))
+    if head.get("kind") not in HEADS:
+        raise CheckpointError(f"{directory} has a head of kind {head.get('kind')!r}; this gptstack knows {sorted(HEADS)}")
+    options = {"context": head["context"]} if head["kind"] == "token_classification" else {}
+    module = HEADS[head["kind"]](model, head["labels"], **options)
+    module.load_head_state(load_weights(directory))
     weight = model.transformer.wte.weight
-    return classifier.to(device=weight.device, dtype=weight.dtype).eval()
+    return module.to(device=weight.device, dtype=weight.dtype).eval()
 
 
 def load_weights(directory: str | Path, name: str = "model.safetensors") -> dict[str, torch.Tensor]:

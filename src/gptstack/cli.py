@@ -318,7 +318,8 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
     add_dataclass_flags(p, EvalConfig, {
         "checkpoint": {"required": True},
         "data": {"required": True, "help": "text file or prepared dataset (lm); labelled .tsv/.csv/.jsonl "
-                                           "(classification); prompt/response or chat .jsonl (generation)"},
+                                           "(classification); CoNLL or tagged .jsonl (token_classification); "
+                                           "prompt/response or chat .jsonl (generation)"},
         "task": {"choices": TASKS}, "max_new_tokens": {"help": "generation: tokens per completion"},
         "dtype": {"choices": ["auto", *DTYPES]}, "progress": QUIET})
     p.add_argument("--json", help="also write the results to this JSON file")
@@ -412,7 +413,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="pretrain a GPT; any config key can be overridden as --key value")
     p.add_argument("--config", help="a YAML or JSON config file (NVIDIA-style GPT-3 keys accepted)")
 
-    p = sub.add_parser("finetune", help="adapt a checkpoint: classification or SFT, full / LoRA / frozen layers; "
+    p = sub.add_parser("finetune", help="adapt a checkpoint: classification, token classification (NER) or SFT, "
+                                        "full / LoRA / frozen layers; "
                                         "any config key as --key value")
     p.add_argument("--config", help="a YAML or JSON fine-tuning config file")
 

@@ -6,7 +6,9 @@ MLP) -> final LayerNorm -> LM head tied to the token embedding.
 One path serves training, prefill and decode: ``hidden_states(idx, cache)``. With a paged KV
 cache (kv_cache.py), ``idx`` is a flat batch of several sequences' tokens, each at its own position:
 one-token decode steps and prompt chunks side by side in one forward, which is what continuous
-batching needs. This module knows nothing of training or serving.
+batching needs. With ``documents``, a row holds several texts packed one after another (fine-tuning
+packs conversations so): each attends only to itself and counts its positions from 0, so its
+logits are the ones it would get alone. This module knows nothing of training or serving.
 """
 
 from __future__ import annotations
@@ -63,6 +65,28 @@ def local_band_bias(band: int, device: torch.device, dtype: torch.dtype) -> torc
     return bias.masked_fill(~((j > i) & (j <= i + band)), float("-inf"))
 
 
+@functools.lru_cache(maxsize=8)
+def band_mask(T: int, band: int, device: torch.device) -> torch.Tensor:
+    """[T, T]: key j is among the ``band`` newest keys of query i (j > i - band; causality apart)."""
+    i = torch.arange(T, device=device)[:, None]
+    return torch.arange(T, device=device)[None] > i - band
+
+
+def document_positions(documents: torch.Tensor) -> torch.Tensor:
+    """[B, T] document number of each token -> its position within its document."""
+    index = torch.arange(documents.shape[1], device=documents.device).expand_as(documents)
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    return index - torch.where(starts, index, 0).cummax(dim=1).values
+
+
+def document_mask(documents: torch.Tensor) -> torch.Tensor:
+    """[B, 1, T, T] boolean: query i may see key j iff j <= i and both are in the same document."""
+    T = documents.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=documents.device).tril()
+    return (causal & (documents[:, :, None] == documents[:, None, :]))[:, None]
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention. q, k and v have a projection each, so tensor parallelism can
     shard every one of them by heads; the forward pass reads the number of heads from the projected
@@ -84,14 +108,19 @@ class CausalSelfAttention(nn.Module):
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
-    def forward(self, x: torch.Tensor, cache: PagedBatch | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: PagedBatch | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Causal attention over ``x`` itself, or with a cache over what the cache holds for each
-        sequence of the flat batch (which writes this call's keys and values first)."""
+        sequence of the flat batch (which writes this call's keys and values first), or under
+        ``mask`` (packed documents: see document_mask)."""
         B, T, _ = x.shape
         q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in self.project_qkv(x))
         dropout = self.attn_pdrop if self.training else 0.0
         if cache is not None:
             y = cache.attend(self.layer, q, k, v, self.band_width)
+        elif mask is not None:
+            if self.band_width is not None:
+                mask = mask & band_mask(T, self.band_width, x.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         elif self.band_width is not None and self.band_width < T:
             y = local_attention(q, k, v, self.band_width, dropout)
         else:
@@ -135,8 +164,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cache: PagedBatch | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(self, x: torch.Tensor, cache: PagedBatch | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -181,32 +210,39 @@ class GPT(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())   # tied weights counted once
 
-    def hidden_states(self, idx: torch.Tensor, cache: PagedBatch | None = None) -> torch.Tensor:
+    def hidden_states(self, idx: torch.Tensor, cache: PagedBatch | None = None,
+                      documents: torch.Tensor | None = None) -> torch.Tensor:
         """Final-LayerNorm hidden states [B, T, n_embd]; heads (LM, classifier) sit on top. With a
-        cache, ``idx`` [1, N] is a flat batch of several sequences' tokens at the cache's positions."""
+        cache, ``idx`` [1, N] is a flat batch of several sequences' tokens at the cache's positions.
+        With ``documents`` [B, T] (each token's document number, runs of equal numbers), each
+        document of a row is attended and positioned as if it were alone."""
         B, T = idx.shape
+        mask = None
         if cache is not None:
             positions = cache.positions
         elif T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds the context of {self.config.block_size}")
+        elif documents is not None:
+            positions, mask = document_positions(documents), document_mask(documents)
         else:
             positions = torch.arange(T, device=idx.device).expand(B, T)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
         for block in self.transformer.h:
             if self.activation_checkpointing and self.training and cache is None:
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, None, mask, use_reentrant=False)
             else:
-                x = block(x, cache)
+                x = block(x, cache, mask)
         return self.transformer.ln_f(x)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits, or with ``targets`` the mean cross-entropy instead (-100 targets are ignored).
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, label_smoothing: float = 0.0,
+                documents: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits, or with ``targets`` the mean cross-entropy instead (-100 targets are ignored);
+        ``documents`` as in :meth:`hidden_states`.
 
         The loss is fused with the LM head (see loss.py), so no logits come back with it.
         Decoding with a KV cache goes through :meth:`hidden_states` (see inference/engine.py).
         """
-        h = self.hidden_states(idx)
+        h = self.hidden_states(idx, documents=documents)
         if targets is None:
             return self.lm_head(h), None
         return None, linear_cross_entropy(h, self.lm_head.weight, targets, label_smoothing)

@@ -1,8 +1,11 @@
-"""Fine-tuning a checkpoint: ``finetune(FinetuneConfig)``, two tasks run by the one training loop.
+"""Fine-tuning a checkpoint: ``finetune(FinetuneConfig)``, three tasks run by the one training loop.
 
 * ``classification``: a :class:`~gptstack.heads.SequenceClassifier` (head on the last token's
   hidden state) trained with cross-entropy, optionally class-weighted, in dynamically padded batches;
   validation reports loss, accuracy and macro precision / recall / F1.
+* ``token_classification``: a :class:`~gptstack.heads.TokenClassifier` (a label per word, e.g.
+  named-entity tags) on CoNLL or JSONL sentences; validation reports loss and entity-level micro
+  precision / recall / F1 and macro F1 (seqeval's default mode).
 * ``sft``: language modelling on prompt/response pairs or chats, with the loss only on response
   tokens, over packed fixed-length windows; validation reports loss and perplexity.
 
@@ -27,8 +30,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import load_classifier, load_model, with_config
+from ..chat import DEFAULT_CHAT_TEMPLATE
+from ..checkpoint import load_classifier, load_model, load_token_classifier, with_config
 from ..config import ConfigError, TrainConfig, require
+from ..data.conll import read_tagged
 from ..data.prepare import DataError
 from ..data.records import (
     IGNORE_INDEX,
@@ -40,8 +45,9 @@ from ..data.records import (
     split_records,
     write_jsonl,
 )
-from ..evaluate.metrics import classification_metrics
-from ..heads import SequenceClassifier, classification_ids, pad_right
+from ..evaluate.metrics import classification_metrics, entity_metrics
+from ..heads import (TOKEN_CONTEXTS, SequenceClassifier, TokenClassifier, classification_ids, joined, pad_right,
+                     pad_windows, sentence_windows)
 from ..lora import LORA_TARGETS, LoRAConfig, add_lora, is_lora_key, merge_lora
 from ..model import GPT
 from ..runtime import autocast
@@ -50,10 +56,11 @@ from ..train import distributed
 from ..train.loop import RESULT, OnEval, TrainResult, run
 
 log = logging.getLogger("gptstack.finetune")
-TASKS = ("classification", "sft")
+TASKS = ("classification", "sft", "token_classification")
 # What each task's validation reports (and so what can pick best/ or be a tuning objective).
 TASK_METRICS = {"classification": ("val_loss", "accuracy", "f1_macro", "precision_macro", "recall_macro"),
-                "sft": ("val_loss", "val_perplexity")}
+                "sft": ("val_loss", "val_perplexity"),
+                "token_classification": ("val_loss", "f1_micro", "precision_micro", "recall_micro", "f1_macro")}
 DROPOUT_FIELDS = ("embd_pdrop", "attn_pdrop", "resid_pdrop", "clf_pdrop")
 # Pretraining fields with no meaning here: the model and tokenizer come from init_from, validation
 # always covers the whole held-out set, and there is no batch ramp-up or compilation.
@@ -70,12 +77,18 @@ class FinetuneConfig(TrainConfig):
     (GPT-1: a few epochs, small learning rate, short warmup, weight decay 0.01).
     """
 
-    task: str = "classification"         # "classification" | "sft"
+    task: str = "classification"         # "classification" | "sft" | "token_classification"
     text_field: str = ""                 # classification: "" = first of text / sentence / input / document
     label_field: str = "label"
-    class_weights: str = "none"          # "none" | "balanced" | comma-separated weights in label order
-    val_fraction: float = 0.1            # held out of `data` when no eval_data is given
+    class_weights: str = "none"          # "none" | "balanced" | comma-separated weights in label (tag) order
+    val_fraction: float = 0.1            # held out of `data` when no eval_data is given (picks best/)
+    test_fraction: float = 0.0           # held out of `data` first, never trained on nor used to pick best/:
+                                         # written to splits/test.jsonl for an unbiased `gptstack eval`
     max_length: int = 0                  # classification: tokens per text (0 = the model's context)
+    token_context: str = "first"         # token_classification: which states label a word (heads.TOKEN_CONTEXTS;
+                                         # first scored best on WNUT 2017 dev, docs/benchmarks.md)
+    lm_loss_weight: float = 0.0          # classification: weight of GPT-1's auxiliary language-modelling
+                                         # loss on the training texts (the paper used 0.5)
 
     lora_rank: int = 0                   # 0 = no LoRA: train the weights themselves
     lora_alpha: float = 16.0
@@ -109,6 +122,8 @@ class FinetuneConfig(TrainConfig):
         require(bool(self.init_from), "init_from is required: the checkpoint to fine-tune (e.g. runs/demo/best)")
         require(bool(self.data), "data is required: a .tsv/.csv/.jsonl file of examples (see README, Fine-tune)")
         require(self.task in TASKS, f"task must be one of {TASKS}, got {self.task!r}")
+        require(self.token_context in TOKEN_CONTEXTS,
+                f"token_context must be one of {TOKEN_CONTEXTS}, got {self.token_context!r}")
         super().validate()
         defaults = FinetuneConfig.__dataclass_fields__
         changed = [name for name in PRETRAINING_ONLY if getattr(self, name) != defaults[name].default]
@@ -117,9 +132,15 @@ class FinetuneConfig(TrainConfig):
         require(not other, f"a fine-tune keeps its checkpoint's shape; model overrides may only set {DROPOUT_FIELDS}, "
                             f"not {other}")
         require(0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        require(0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1,
+                f"test_fraction must be in [0, 1) and leave rows to train on beside val_fraction, got "
+                f"{self.test_fraction} with val_fraction {self.val_fraction}")
         require(self.lora_rank >= 0, f"lora_rank must be >= 0, got {self.lora_rank}")
         require(self.freeze_layers >= 0, f"freeze_layers must be >= 0, got {self.freeze_layers}")
         require(self.max_length >= 0, f"max_length must be >= 0, got {self.max_length}")
+        require(self.lm_loss_weight >= 0, f"lm_loss_weight must be >= 0, got {self.lm_loss_weight}")
+        require(not self.lm_loss_weight or self.task == "classification",
+                f"lm_loss_weight is for task classification (sft is language modelling already), got task {self.task!r}")
         if self.lora_rank:
             try:
                 self.lora_config().validate()
@@ -150,7 +171,8 @@ def freeze(model: GPT, layers: int, embeddings: bool) -> None:
 
 def finetune(cfg: FinetuneConfig, on_eval: OnEval | None = None) -> TrainResult:
     """Run (or resume) a fine-tune, in one process or under torchrun; see :func:`gptstack.train.loop.run`."""
-    task_class = ClassificationTask if cfg.task == "classification" else SFTTask
+    task_class = {"classification": ClassificationTask, "sft": SFTTask,
+                  "token_classification": TokenClassificationTask}[cfg.task]
     return run(cfg, lambda info: task_class(cfg, info), on_eval)
 
 
@@ -181,8 +203,9 @@ class FinetuneTask:
     def build(self, resume_dir: Path | None) -> tuple[torch.nn.Module, Tokenizer]:
         cfg = self.cfg
         classifier = None
-        if resume_dir is not None and cfg.task == "classification":
-            classifier, tokenizer, _ = load_classifier(resume_dir, merge_adapter=False)
+        if resume_dir is not None and cfg.task in ("classification", "token_classification"):
+            load = load_classifier if cfg.task == "classification" else load_token_classifier
+            classifier, tokenizer, _ = load(resume_dir, merge_adapter=False)
             gpt = classifier.gpt
         elif resume_dir is not None:
             gpt, tokenizer, _ = load_model(resume_dir, merge_adapter=False)
@@ -200,14 +223,26 @@ class FinetuneTask:
         freeze(gpt, cfg.freeze_layers, cfg.freeze_embeddings)
         return model, tokenizer
 
+    def read(self, path: str) -> list[dict]:
+        """The records of a data file (a task with its own file formats reads them here)."""
+        return read_records(path)
+
     def _records(self) -> tuple[list[dict], list[dict]]:
-        records = read_records(self.cfg.data)
+        """(train, val); the splits cut from ``data`` are written down, so that `gptstack eval` and
+        a baseline score the very same held-out rows."""
+        records = self.read(self.cfg.data)
+        splits = {}
+        if self.cfg.test_fraction:    # cut first, with its own seed: the test rows do not move with val_fraction
+            records, splits["test"] = split_records(records, self.cfg.test_fraction, self.cfg.seed + 1)
         if self.cfg.eval_data:
-            return records, read_records(self.cfg.eval_data)
-        train, val = split_records(records, self.cfg.val_fraction, self.cfg.seed)
-        if val and self.info.is_main:   # written down, so `gptstack eval` can score the same held-out rows
-            write_jsonl(Path(self.cfg.out_dir) / "splits" / "train.jsonl", train)
-            write_jsonl(Path(self.cfg.out_dir) / "splits" / "val.jsonl", val)
+            train, val = records, self.read(self.cfg.eval_data)
+        else:
+            train, val = split_records(records, self.cfg.val_fraction, self.cfg.seed)
+            if val:
+                splits["val"] = val
+        if splits and self.info.is_main:
+            for name, rows in {"train": train, **splits}.items():
+                write_jsonl(Path(self.cfg.out_dir) / "splits" / f"{name}.jsonl", rows)
         return train, val
 
     def encode(self, train: list[dict], val: list[dict], tokenizer: Tokenizer, gpt: GPT,
@@ -237,7 +272,7 @@ class FinetuneTask:
         if not (self.cfg.lora_rank and self.cfg.lora_merge):
             return model
         merged = copy.deepcopy(model)
-        merge_lora(merged.gpt if isinstance(merged, SequenceClassifier) else merged)
+        merge_lora(getattr(merged, "gpt", merged))   # a task head's backbone, or the GPT itself
         return merged
 
 
@@ -278,8 +313,10 @@ class ClassificationTask(FinetuneTask):
 
     def loss(self, model: SequenceClassifier, batch: tuple) -> torch.Tensor:
         idx, lengths, labels = batch
-        return F.cross_entropy(model(idx, lengths).float(), labels, weight=self.class_weights,
-                               label_smoothing=self.cfg.label_smoothing)
+        lm_weight = self.cfg.lm_loss_weight
+        logits, lm_loss = model(idx, lengths, with_lm_loss=True) if lm_weight else (model(idx, lengths), 0.0)
+        return F.cross_entropy(logits.float(), labels, weight=self.class_weights,
+                               label_smoothing=self.cfg.label_smoothing) + lm_weight * lm_loss
 
     def evaluate(self, model: SequenceClassifier, device, dtype, info) -> dict:
         """The whole held-out set on every rank: the same numbers everywhere, no messages."""
@@ -312,40 +349,105 @@ def class_weights(setting: str, train_labels: list[str], labels: list[str]) -> t
     return torch.tensor(weights)
 
 
-class SFTTask(FinetuneTask):
-    """Prompt/response examples packed into windows; the loss counts response tokens only."""
+class TokenClassificationTask(FinetuneTask):
+    """Tagged sentences (CoNLL or JSONL, data/conll.py) read by a :class:`~gptstack.heads.TokenClassifier`:
+    each sentence is one or more windows of BPE pieces, the loss is cross-entropy over words, and
+    validation scores entities as seqeval's default mode does (exact type and boundaries)."""
+
+    def read(self, path: str) -> list[dict]:
+        return read_tagged(path)
 
     def encode(self, train_records, val_records, tokenizer, gpt, classifier):
-        def pack(records, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-            x, y, truncated = pack_windows(encode_sft(records, tokenizer, self.cfg.data), gpt.config.block_size,
-                                           tokenizer.eot_id)
+        self.labels = classifier.labels if classifier else tag_order(r["tags"] for r in train_records)
+        context = classifier.context if classifier else self.cfg.token_context
+        unknown = sorted({t for r in val_records for t in r["tags"]} - set(self.labels))
+        if unknown:
+            raise DataError(f"validation tags {unknown} never occur in the training data {self.labels}")
+        block = min(self.cfg.max_length or gpt.config.block_size, gpt.config.block_size)
+        index = {label: i for i, label in enumerate(self.labels)}
+
+        def tensors(records) -> tuple[list, list[torch.Tensor], list[int]]:
+            windows, counts = sentence_windows(tokenizer, [r["tokens"] for r in records], context, block)
+            targets = torch.tensor([index[t] for r in records for t in r["tags"]]).split([len(w.where) for w in windows])
+            return windows, list(targets), counts
+        self.train = tensors(train_records)
+        self.val = tensors(val_records) if val_records else None
+        self.val_tags = [r["tags"] for r in val_records]
+        weights = class_weights(self.cfg.class_weights, [t for r in train_records for t in r["tags"]], self.labels)
+        self.class_weights = None if weights is None else weights.to(self.info.device)
+        return classifier or TokenClassifier(gpt, self.labels, context)
+
+    def batch(self, rows: np.ndarray, device) -> tuple:
+        windows, targets, _ = self.train
+        idx, where, _ = pad_windows([windows[r] for r in rows], device)
+        labels = torch.nn.utils.rnn.pad_sequence([targets[r] for r in rows], batch_first=True, padding_value=IGNORE_INDEX)
+        return idx, where, labels.to(device)
+
+    def loss(self, model: TokenClassifier, batch: tuple) -> torch.Tensor:
+        idx, where, labels = batch
+        return F.cross_entropy(model(idx, where).float().flatten(0, 1), labels.flatten(), weight=self.class_weights,
+                               ignore_index=IGNORE_INDEX, label_smoothing=self.cfg.label_smoothing)
+
+    def evaluate(self, model: TokenClassifier, device, dtype, info) -> dict:
+        """The whole held-out set on every rank: the same numbers everywhere, no messages."""
+        if self.val is None:
+            return {}
+        windows, targets, counts = self.val
+        with autocast(device, dtype):
+            probs = model.predict(windows, self.cfg.eval_batch_size)
+        gold = torch.cat(targets)
+        nll = -torch.cat(probs).gather(1, gold[:, None]).clamp_min(1e-12).log().sum().item()
+        predicted = [[self.labels[i] for i in p.argmax(-1).tolist()] for p in joined(probs, counts)]
+        report = entity_metrics(self.val_tags, predicted)
+        return {"val_loss": nll / len(gold), **{k: report[k] for k in TASK_METRICS["token_classification"][1:]}}
+
+
+def tag_order(tag_lists) -> list[str]:
+    """The tags a tagger predicts: O first, then by entity type and position in the entity."""
+    order = {"O": 0, "B": 1, "I": 2, "E": 3, "S": 4}
+    return sorted({t for tags in tag_lists for t in tags}, key=lambda t: (t != "O", t[2:], order[t[0]]))
+
+
+class SFTTask(FinetuneTask):
+    """Prompt/response examples or whole conversations, packed into windows in which no example
+    attends to another; the loss counts response (assistant) tokens only."""
+
+    def encode(self, train_records, val_records, tokenizer, gpt, classifier):
+        self.conversations = any("messages" in r for r in train_records)
+        def pack(records, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            x, y, documents, truncated = pack_windows(encode_sft(records, tokenizer, self.cfg.data),
+                                                      gpt.config.block_size, tokenizer.eot_id)
             if truncated:
                 log.warning("%d %s example(s) longer than the context of %d tokens lost the start of their prompt",
                             truncated, name, gpt.config.block_size)
             if not (y != IGNORE_INDEX).any():
                 raise DataError(f"the {name} examples have no response tokens to learn from")
-            return x, y
+            return x, y, documents
         self.train = pack(train_records, "training")
         self.val = pack(val_records, "validation") if val_records else None
         return gpt
 
+    def checkpoint_meta(self) -> dict:
+        """Conversations were rendered in the default chat format: the server must render them so too."""
+        return {**super().checkpoint_meta(), **({"chat_template": DEFAULT_CHAT_TEMPLATE} if self.conversations else {})}
+
     def batch(self, rows: np.ndarray, device) -> tuple:
-        x, y = self.train
-        return x[rows].to(device), y[rows].to(device)
+        return tuple(t[rows].to(device) for t in self.train)
 
     def loss(self, model: GPT, batch: tuple) -> torch.Tensor:
-        x, y = batch
-        return model(x, y, label_smoothing=self.cfg.label_smoothing)[1]
+        x, y, documents = batch
+        return model(x, y, label_smoothing=self.cfg.label_smoothing, documents=documents)[1]
 
     def evaluate(self, model: GPT, device, dtype, info) -> dict:
         if self.val is None:
             return {}
-        x, y = self.val
+        x, y, documents = self.val
         nll, count = 0.0, 0
         for start in range(0, len(x), self.cfg.eval_batch_size):
-            targets = y[start:start + self.cfg.eval_batch_size].to(device)
+            rows = slice(start, start + self.cfg.eval_batch_size)
+            targets = y[rows].to(device)
             with autocast(device, dtype):
-                _, loss = model(x[start:start + len(targets)].to(device), targets)
+                _, loss = model(x[rows].to(device), targets, documents=documents[rows].to(device))
             n = int((targets != IGNORE_INDEX).sum())
             if n:
                 nll, count = nll + loss.float().item() * n, count + n

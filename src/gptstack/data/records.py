@@ -108,8 +108,8 @@ def sft_segments(record: dict, source: str, index: int) -> list[tuple[str, bool]
     """(text, is_response) pieces of one SFT record: {"prompt", "response"} or {"messages": [...]}."""
     if "messages" in record:
         try:
-            return chat_segments(record["messages"])
-        except (ValueError, AttributeError, TypeError) as exc:
+            return chat_segments(record["messages"], record.get("tools"))
+        except (ValueError, AttributeError, TypeError, KeyError) as exc:
             raise DataError(f"{source}: record {index + 1}: {exc}") from None
     prompt, response = record.get("prompt"), record.get("response", record.get("completion"))
     if not isinstance(prompt, str) or not isinstance(response, str) or not response:
@@ -132,13 +132,15 @@ def encode_sft(records: list[dict], tokenizer: Tokenizer, source: str) -> list[t
 
 
 def pack_windows(examples: list[tuple[list[int], list[bool]]], block_size: int,
-                 pad_id: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Pack whole examples into windows of block_size + 1 tokens (best fit, longest first).
+                 pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Pack whole examples into windows of block_size + 1 tokens (best fit, longest first); an
+    example is never split between windows.
 
     Returns inputs [N, block_size], targets [N, block_size] (IGNORE_INDEX except where the next
-    token is a response token) and how many examples were cut to fit (their prompt's start is
-    dropped). Examples in one window are separated by their end-of-text tokens, as documents are in
-    pretraining.
+    token is a response token), documents [N, block_size] (which example of its window each input
+    token belongs to, the padding being one more: the model's ``documents``, so that examples
+    packed together never attend to each other) and how many examples were cut to fit (their
+    prompt's start is dropped).
     """
     width = block_size + 1
     truncated = 0
@@ -161,10 +163,14 @@ def pack_windows(examples: list[tuple[list[int], list[bool]]], block_size: int,
             bisect.insort(rooms, (free - len(ids), window))
     tokens = torch.full((len(windows), width), pad_id, dtype=torch.long)
     learn = torch.zeros((len(windows), width), dtype=torch.bool)
+    documents = torch.zeros((len(windows), width), dtype=torch.long)
     for w, members in enumerate(windows):
         ids = [t for member_ids, _ in members for t in member_ids]
         mask = [m for _, member_mask in members for m in member_mask]
         tokens[w, :len(ids)] = torch.tensor(ids)
         learn[w, :len(mask)] = torch.tensor(mask)
+        documents[w] = len(members)      # the padding after the last example
+        documents[w, :len(ids)] = torch.repeat_interleave(torch.arange(len(members)),
+                                                          torch.tensor([len(i) for i, _ in members]))
     targets = tokens[:, 1:].masked_fill(~learn[:, 1:], IGNORE_INDEX)
-    return tokens[:, :-1].contiguous(), targets.contiguous(), truncated
+    return tokens[:, :-1].contiguous(), targets.contiguous(), documents[:, :-1].contiguous(), truncated

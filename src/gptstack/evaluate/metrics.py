@@ -4,11 +4,14 @@ Conventions: the confusion matrix has true labels as rows and predictions as col
 or recall whose denominator is zero counts as 0 (as scikit-learn's ``zero_division=0``); macro
 averages are unweighted means over classes. ROUGE comes from Google's ``rouge-score`` package (the
 implementation behind most published numbers), with Porter stemming, averaged over examples.
+Entity scores follow seqeval's default mode (tested equal to it).
 """
 
 from __future__ import annotations
 
 import math
+
+from ..data.conll import entity_spans
 
 
 def classification_metrics(y_true: list[int], y_pred: list[int], labels: list[str]) -> dict:
@@ -72,3 +75,53 @@ def rouge(predictions: list[str], references: list[str]) -> dict:
             totals[t]["recall"] += scores[t].recall
             totals[t]["f1"] += scores[t].fmeasure
     return {t: {m: v / len(predictions) for m, v in values.items()} for t, values in totals.items()}
+
+
+def entity_metrics(gold: list[list[str]], predicted: list[list[str]]) -> dict:
+    """Entity-level scores of tag sequences, as seqeval's default (conlleval) mode computes them: an
+    entity counts as found only with its exact type and boundaries. Per type precision / recall / F1
+    / support, micro over all entities, macro as the unweighted mean over the types that occur in
+    either the references or the predictions; plus ``confusion_matrix``: over spans whose boundaries
+    match, gold type (rows) against predicted type (columns), with a last row and column "(none)"
+    for gold entities no prediction has the boundaries of, and predictions no gold entity has."""
+    if len(gold) != len(predicted):
+        raise ValueError(f"{len(gold)} reference sentences but {len(predicted)} predicted")
+    if not gold:
+        raise ValueError("no sentences to score")
+    true, found = set(), set()
+    for i, (g, p) in enumerate(zip(gold, predicted)):
+        if len(g) != len(p):
+            raise ValueError(f"sentence {i} has {len(g)} reference tags but {len(p)} predicted")
+        true |= {(i, *span) for span in entity_spans(g)}
+        found |= {(i, *span) for span in entity_spans(p)}
+    types = sorted({kind for _, kind, _, _ in true | found})
+    per_type = {}
+    for kind in types:
+        t = {e for e in true if e[1] == kind}
+        f = {e for e in found if e[1] == kind}
+        per_type[kind] = {**_prf(len(t & f), len(f), len(t)), "support": len(t)}
+    micro = _prf(len(true & found), len(found), len(true))
+    macro = {m: sum(c[m] for c in per_type.values()) / len(types) if types else 0.0 for m in ("precision", "recall", "f1")}
+    labels = [*types, "(none)"]
+    index = {kind: i for i, kind in enumerate(labels)}
+    matrix = [[0] * len(labels) for _ in labels]
+    by_bounds = {(i, start, end): kind for i, kind, start, end in found}
+    matched = set()
+    for i, kind, start, end in true:
+        guess = by_bounds.get((i, start, end))
+        matrix[index[kind]][index[guess or "(none)"]] += 1
+        matched.add((i, start, end))
+    for (i, start, end), kind in by_bounds.items():
+        if (i, start, end) not in matched:
+            matrix[-1][index[kind]] += 1
+    return {"sentences": len(gold), "entities": len(true), "predicted_entities": len(found),
+            "precision_micro": micro["precision"], "recall_micro": micro["recall"], "f1_micro": micro["f1"],
+            "precision_macro": macro["precision"], "recall_macro": macro["recall"], "f1_macro": macro["f1"],
+            "per_class": per_type, "labels": labels, "confusion_matrix": matrix}
+
+
+def _prf(correct: int, predicted: int, actual: int) -> dict:
+    precision = correct / predicted if predicted else 0.0
+    recall = correct / actual if actual else 0.0
+    return {"precision": precision, "recall": recall,
+            "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0}

@@ -1,7 +1,8 @@
 """Human-readable results: a terminal table, and an HTML or PNG report with plots.
 
 The plots are the training curves of the run that made the checkpoint (its ``metrics.jsonl``,
-next to the checkpoint folder) and, for a classifier, the confusion matrix. Matplotlib draws them
+next to the checkpoint folder) and, for a classifier, the confusion matrix (for a tagger, of entity
+types over spans whose boundaries match, "(none)" standing for no entity there). Matplotlib draws them
 off-screen (the Agg backend), so a report can be written on a machine with no display.
 """
 
@@ -16,24 +17,28 @@ from typing import Callable
 
 from ..train.metrics import read_metrics
 
-HEADLINE = ("loss", "perplexity", "bits_per_byte", "accuracy", "precision_macro", "recall_macro", "f1_macro")
+HEADLINE = ("loss", "perplexity", "bits_per_byte", "accuracy", "precision_micro", "recall_micro", "f1_micro",
+            "precision_macro", "recall_macro", "f1_macro")
 
 
 def format_table(results: dict) -> str:
     """The results as aligned text lines."""
     lines = [f"task: {results['task']}   checkpoint: {results['checkpoint']}   data: {results['data']}"]
-    rows = [(k, results[k]) for k in (*HEADLINE, "tokens", "bytes", "examples") if k in results]
+    rows = [(k, results[k]) for k in (*HEADLINE, "tokens", "bytes", "examples", "sentences", "entities",
+                                      "predicted_entities") if k in results]
     width = max((len(k) for k, _ in rows), default=0)
     lines += [f"  {k:<{width}}  {v:.4f}" if isinstance(v, float) else f"  {k:<{width}}  {v}" for k, v in rows]
     if "per_class" in results:
-        lines.append(f"  {'class':<12} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}")
-        for label, m in results["per_class"].items():
-            lines.append(f"  {label:<12} {m['precision']:>9.4f} {m['recall']:>9.4f} {m['f1']:>9.4f} {m['support']:>8}")
         labels = results["labels"]
+        name = max(12, *(len(label) + 1 for label in labels))   # entity types run longer than class names
+        column = max(10, *(len(label) + 1 for label in labels))
+        lines.append(f"  {'class':<{name}} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}")
+        for label, m in results["per_class"].items():
+            lines.append(f"  {label:<{name}} {m['precision']:>9.4f} {m['recall']:>9.4f} {m['f1']:>9.4f} {m['support']:>8}")
         lines.append("  confusion matrix (rows: true, columns: predicted)")
-        lines.append("  " + " " * 12 + "".join(f"{label:>10}" for label in labels))
+        lines.append("  " + " " * name + "".join(f"{label:>{column}}" for label in labels))
         for label, row in zip(labels, results["confusion_matrix"]):
-            lines.append(f"  {label:<12}" + "".join(f"{n:>10}" for n in row))
+            lines.append(f"  {label:<{name}}" + "".join(f"{n:>{column}}" for n in row))
     if "rouge" in results:
         lines.append(f"  {'':<8} {'precision':>9} {'recall':>9} {'f1':>9}")
         for name, m in results["rouge"].items():

@@ -7,6 +7,9 @@ Three tasks, picked from the data unless named:
   and scores only the tokens not scored before, so every token is predicted once, with at least
   ``block_size - stride`` tokens of context (all of them in the first window).
 * ``classification``: a checkpoint with a classification head on a labelled .tsv/.csv/.jsonl.
+* ``token_classification``: a checkpoint with a token-classification head on tagged sentences
+  (CoNLL or JSONL): entity-level precision / recall / F1 per type, micro and macro (seqeval's
+  default mode), and a confusion of entity types over spans whose boundaries match.
 * ``generation``: greedy completions of prompts (prompt/response records or chats, the last
   assistant message being the reference), scored with ROUGE-1/2/L.
 """
@@ -21,18 +24,19 @@ import torch
 from tqdm import tqdm
 
 from ..chat import DEFAULT_CHAT_STOPS
-from ..checkpoint import load_classifier, load_model, verify
+from ..checkpoint import load_classifier, load_model, load_token_classifier, verify
 from ..config import ConfigError, require
+from ..data.conll import read_tagged
 from ..data.loader import TokenDataset
 from ..data.prepare import MANIFEST, DataError
 from ..data.records import IGNORE_INDEX, labelled_texts, read_records, sft_segments
-from ..heads import classification_ids
+from ..heads import classification_ids, joined, sentence_windows
 from ..inference.engine import Engine, EngineConfig
 from ..inference.sampling import SamplingParams
 from ..runtime import autocast, resolve_device, resolve_dtype
-from .metrics import classification_metrics, language_model_metrics, rouge
+from .metrics import classification_metrics, entity_metrics, language_model_metrics, rouge
 
-TASKS = ("auto", "lm", "classification", "generation")
+TASKS = ("auto", "lm", "classification", "token_classification", "generation")
 
 
 @dataclass
@@ -61,14 +65,17 @@ class EvalConfig:
         return self
 
 
-def pick_task(cfg: EvalConfig, has_head: bool) -> str:
-    """The task the data and checkpoint call for when none is named."""
+def pick_task(cfg: EvalConfig, head: dict | None) -> str:
+    """The task the data and the checkpoint's head (config.json["head"]) call for when none is named.
+    A token-classification head takes any file (CoNLL files have no one suffix)."""
     if cfg.task != "auto":
         return cfg.task
     path = Path(cfg.data)
+    if head and head.get("kind") == "token_classification" and not (path / MANIFEST).exists():
+        return "token_classification"
     if (path / MANIFEST).exists() or path.suffix.lower() not in (".tsv", ".csv", ".jsonl"):
         return "lm"
-    if has_head:
+    if head:
         return "classification"
     first = read_records(path)[:1]
     if first and ("messages" in first[0] or "response" in first[0] or "completion" in first[0]):
@@ -79,7 +86,7 @@ def pick_task(cfg: EvalConfig, has_head: bool) -> str:
 def evaluate(cfg: EvalConfig) -> dict:
     cfg.validate()
     config = verify(cfg.checkpoint)
-    task = pick_task(cfg, bool(config.get("head")))
+    task = pick_task(cfg, config.get("head"))
     device = resolve_device(cfg.device)
     result = {"task": task, "checkpoint": str(cfg.checkpoint), "data": str(cfg.data)}
     if task == "generation":
@@ -88,6 +95,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     dtype = resolve_dtype(cfg.dtype, device, workload="train")
     if task == "classification":
         return {**result, **_classification(cfg, device, dtype)}
+    if task == "token_classification":
+        return {**result, **_token_classification(cfg, device, dtype)}
     return {**result, **_language_model(cfg, device, dtype)}
 
 
@@ -175,6 +184,22 @@ def _classification(cfg: EvalConfig, device, dtype) -> dict:
     predictions = probs.argmax(-1).tolist()
     index = {label: i for i, label in enumerate(classifier.labels)}
     return classification_metrics([index[label] for label in data.labels], predictions, classifier.labels)
+
+
+# --- token classification ------------------------------------------------------------------------
+
+def _token_classification(cfg: EvalConfig, device, dtype) -> dict:
+    tagger, tokenizer, _ = load_token_classifier(cfg.checkpoint, device=device)
+    records = read_tagged(cfg.data)
+    unknown = sorted({t for r in records for t in r["tags"]} - set(tagger.labels))
+    if unknown:
+        raise DataError(f"{cfg.data} has tags {unknown} that the tagger does not know ({tagger.labels})")
+    windows, counts = sentence_windows(tokenizer, [r["tokens"] for r in records], tagger.context,
+                                       tagger.gpt.config.block_size)
+    with autocast(device, dtype):
+        probs = joined(tagger.predict(windows, cfg.batch_size), counts)
+    predicted = [[tagger.labels[i] for i in p.argmax(-1).tolist()] for p in probs]
+    return {**entity_metrics([r["tags"] for r in records], predicted), "predictions": predicted}
 
 
 # --- generation ----------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import json
 import torch
 import torch.nn.functional as F
 
+from ..chat import TOOL_CALL_TAG
 from ..tokenizer import Tokenizer
 
 # ", " and ": " as OpenAI's models write them (and as GPT-2's tokens like ' "' want); no free
@@ -60,6 +61,37 @@ def response_format_grammar(response_format: dict) -> str | None:
     error = llguidance.LLMatcher.validate_grammar(grammar)
     if error:
         raise GrammarError(f"the JSON schema cannot be used: {error}")
+    return grammar
+
+
+def tool_call_grammar(functions: list[dict], mode: str, name: str | None = None, parallel: bool = True) -> str:
+    """The grammar of a reply that may or must call ``functions`` (OpenAI's function definitions):
+    `` <tool_call>`` and a JSON list of {"name", "arguments"} whose arguments validate against the
+    function's parameters, no others (chat.py's format). ``mode`` "required": some call(s); "function": one
+    call of ``name``; "auto": either that or text (which then may not start with "<"). One call
+    only unless ``parallel``."""
+    import llguidance
+
+    def call(function: dict) -> dict:
+        # no properties beyond those declared, strict or not: a call names only its parameters (and
+        # a weak model is not free to invent keys until max_tokens)
+        parameters = closed_objects(function.get("parameters") or {"type": "object", "properties": {}})
+        return {"type": "object", "properties": {"name": {"const": function["name"]}, "arguments": parameters},
+                "required": ["name", "arguments"], "additionalProperties": False}
+    chosen = [f for f in functions if mode != "function" or f["name"] == name]
+    calls = {"type": "array", "items": {"anyOf": [call(f) for f in chosen]}, "minItems": 1,
+             "x-guidance": JSON_LAYOUT}
+    if mode == "function" or not parallel:
+        calls["maxItems"] = 1
+    rules = f'calls: " {TOOL_CALL_TAG}" %json {json.dumps(calls)}\n'
+    start = "start: calls | text\ntext: / [^<](.|\\n)*/\n" if mode == "auto" else "start: calls\n"
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_lark(start + rules)
+    except (ValueError, TypeError, RuntimeError) as exc:    # its first line says what; the rest quotes the grammar
+        raise GrammarError(f"the tools' parameter schemas cannot be used: {str(exc).splitlines()[0]}") from None
+    error = llguidance.LLMatcher.validate_grammar(grammar)
+    if error:
+        raise GrammarError(f"the tools' parameter schemas cannot be used: {error}")
     return grammar
 
 

@@ -86,7 +86,8 @@ def export_gguf(checkpoint_dir: str | Path, out_path: str | Path, weight_type: s
         raise ValueError(f"{out} is a directory; GGUF is one file: pass a path such as {out / 'model.gguf'}")
     model, tokenizer, config = load_model(checkpoint_dir)
     if config.get("head"):
-        log.warning("%s has a classification head; only its language-model backbone is exported", checkpoint_dir)
+        log.warning("%s has a %s head; only its language-model backbone is exported", checkpoint_dir,
+                    config["head"].get("kind"))
     cfg = model.config
     refuse_unrunnable(cfg, checkpoint_dir)
     tokens, token_types, merges = gguf_vocab(tokenizer, cfg.vocab_size, checkpoint_dir)

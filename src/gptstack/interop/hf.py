@@ -74,7 +74,8 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     reads another token), so the export is the backbone as a language model."""
     model, tokenizer, config = load_model(checkpoint_dir)
     if config.get("head"):
-        log.warning("%s has a classification head; only its language-model backbone is exported", checkpoint_dir)
+        log.warning("%s has a %s head; only its language-model backbone is exported", checkpoint_dir,
+                    config["head"].get("kind"))
     cfg = model.config
     if cfg.attention != "dense":
         raise CheckpointError(

@@ -13,11 +13,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from ..heads import SequenceClassifier
+from ..heads import SequenceClassifier, TokenClassifier
 from ..inference.engine import Engine
 from .backend import Backend, LocalBackend
 from .errors import install_error_handlers
 from .middleware import install_middleware
+from .openapi import install_openapi
 from .routes import add_routes
 from .state import ServeConfig, ServerState
 
@@ -35,9 +36,9 @@ async def lifespan(app: FastAPI):
 
 
 def create_app(engine: Engine | Backend, config: ServeConfig, start_engine: bool = True,
-               classifier: SequenceClassifier | None = None) -> FastAPI:
+               classifier: SequenceClassifier | TokenClassifier | None = None) -> FastAPI:
     """The app over ``engine``; with a ``classifier`` (sharing the engine's model) /v1/classify
-    answers too. ``start_engine`` false: the caller runs the engine's loop (see LocalBackend)."""
+    answers too, or /v1/ner with a token classifier. ``start_engine`` false: the caller runs the engine's loop (see LocalBackend)."""
     backend = LocalBackend(engine, classifier, start_engine) if isinstance(engine, Engine) else engine
     state = ServerState(backend, config)
     app = FastAPI(title="gptstack", lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -45,4 +46,5 @@ def create_app(engine: Engine | Backend, config: ServeConfig, start_engine: bool
     install_error_handlers(app)
     install_middleware(app, state)
     add_routes(app)
+    install_openapi(app, state)
     return app

@@ -13,7 +13,8 @@ from typing import AsyncIterator, Protocol
 import torch
 
 from ..config import ModelConfig
-from ..heads import ScoredToken, SequenceClassifier, mean_pooled_embeddings, prompt_logprobs
+from ..heads import (ScoredToken, SequenceClassifier, TaggingWindow, TokenClassifier, mean_pooled_embeddings,
+                     prompt_logprobs)
 from ..inference.engine import Engine, EngineStopped, TokenEvent
 from ..inference.sampling import SamplingParams
 from ..tokenizer import Tokenizer
@@ -39,11 +40,14 @@ class Backend(Protocol):
     model_config: ModelConfig
     max_seq_len: int
     labels: list[str] | None            # the classification head's labels, None without a head
+    tagger: dict | None                 # the token-classification head's config.json["head"]: labels, context
 
     def check(self, prompt_ids: list[int], params: SamplingParams) -> None: ...
     async def submit(self, prompt_ids: list[int], params: SamplingParams) -> Handle: ...
     async def embed(self, token_lists: list[list[int]]) -> torch.Tensor: ...
     async def classify(self, token_lists: list[list[int]]) -> torch.Tensor: ...
+    async def tag(self, windows: list[TaggingWindow]) -> list[torch.Tensor]:
+        """Label probabilities [words, labels] of each window (heads.tagging_windows)."""
     async def score(self, token_lists: list[list[int]], top: int) -> list[list[ScoredToken]]: ...
     def loads(self) -> dict[str | None, dict[str, float]]:
         """Each engine's numbers for metrics.EngineLoads, by replica (None: the only engine; replicas
@@ -53,16 +57,18 @@ class Backend(Protocol):
 
 
 class LocalBackend:
-    """An Engine in this process (and the checkpoint's classifier over the same weights). The
+    """An Engine in this process (and the checkpoint's task head over the same weights). The
     engine's loop runs on a thread of its own when ``start_engine``, else its owner runs it (`gptstack
     serve` keeps it on the main thread)."""
 
-    def __init__(self, engine: Engine, classifier: SequenceClassifier | None = None, start_engine: bool = True):
+    def __init__(self, engine: Engine, classifier: SequenceClassifier | TokenClassifier | None = None,
+                 start_engine: bool = True):
         self.engine, self.classifier, self.start_engine = engine, classifier, start_engine
         self.tokenizer = engine.tokenizer
         self.model_config = engine.model.config
         self.max_seq_len = engine.max_seq_len
-        self.labels = classifier.labels if classifier is not None else None
+        self.labels = classifier.labels if isinstance(classifier, SequenceClassifier) else None
+        self.tagger = classifier.head_config() if isinstance(classifier, TokenClassifier) else None
 
     def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
         self.engine.check(prompt_ids, params)
@@ -75,10 +81,16 @@ class LocalBackend:
         return await asyncio.wrap_future(self.engine.call(lambda: mean_pooled_embeddings(model, token_lists)))
 
     async def classify(self, token_lists: list[list[int]]) -> torch.Tensor:
-        if self.classifier is None:
+        if not isinstance(self.classifier, SequenceClassifier):
             raise ValueError("this model has no classification head")
         classifier = self.classifier
         return await asyncio.wrap_future(self.engine.call(lambda: classifier.predict(token_lists)))
+
+    async def tag(self, windows: list[TaggingWindow]) -> list[torch.Tensor]:
+        if not isinstance(self.classifier, TokenClassifier):
+            raise ValueError("this model has no token-classification head")
+        tagger = self.classifier
+        return await asyncio.wrap_future(self.engine.call(lambda: tagger.predict(windows)))
 
     async def score(self, token_lists: list[list[int]], top: int) -> list[list[ScoredToken]]:
         model = self.engine.model

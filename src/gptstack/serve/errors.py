@@ -7,6 +7,7 @@ and anything unexpected into that shape, counting each in the error metric.
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -52,13 +53,24 @@ async def on_api_error(request: Request, exc: APIError) -> JSONResponse:
     return counted_error(request, exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
 
 
+# a union's branch in an error's location (pydantic names it by type: "str", "list[constrained-str]")
+UNION_BRANCH = re.compile(r"^(constrained-)?(str|int|float|bool|list|dict)$|\[")
+
+
+def telling_error(errors: list[dict]) -> dict:
+    """The first problem, preferring (among a union's branches, which each report one) one that says
+    what the value lacks ("at least 1 item") over one that only says it is another type."""
+    return min(errors, key=lambda e: e.get("type", "").endswith("_type"))
+
+
 async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """The first problem only, named by its place in the body (``messages.0.role``)."""
-    first = exc.errors()[0]
+    """One problem, named by its place in the body (``messages.0.role``)."""
+    first = telling_error(exc.errors())
     if first.get("type") == "json_invalid":
         return counted_error(request, 400, "the request body is not valid JSON (or not UTF-8): "
                              f"{first.get('ctx', {}).get('error', first.get('msg'))}", code="invalid_json")
-    location = ".".join(str(p) for p in first.get("loc", ())[1:]) or "body"
+    location = ".".join(str(p) for p in first.get("loc", ())[1:]
+                        if not (isinstance(p, str) and UNION_BRANCH.search(p))) or "body"
     message = f"{location}: {first.get('msg')}"
     if first.get("type") == "extra_forbidden":
         message = f"unknown parameter {location!r}"
@@ -69,7 +81,8 @@ async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONRe
     if exc.status_code == 400:   # FastAPI could not read the body at all (e.g. not UTF-8)
         return counted_error(request, 400, f"the request body could not be parsed ({exc.detail}); send UTF-8 JSON",
                              code="invalid_json")
-    return counted_error(request, exc.status_code, str(exc.detail), code=str(exc.status_code))
+    return counted_error(request, exc.status_code, str(exc.detail), code=str(exc.status_code),
+                         headers=exc.headers)     # a 405's Allow, for one
 
 
 async def on_engine_unavailable(request: Request, exc: Exception) -> JSONResponse:

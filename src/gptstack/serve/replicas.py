@@ -167,6 +167,9 @@ class EngineReplica:
     async def classify(self, token_lists: list[list[int]]) -> torch.Tensor:
         return await self.backend.classify(token_lists)
 
+    async def tag(self, windows: list) -> list[torch.Tensor]:
+        return await self.backend.tag(windows)
+
     async def score(self, token_lists: list[list[int]], top: int) -> list:
         return await self.backend.score(token_lists, top)
 
@@ -275,6 +278,7 @@ class ReplicaBackend:
         self.max_seq_len = min(max_seq_len or self.model_config.block_size, self.model_config.block_size)
         head = config.get("head") or {}
         self.labels = head.get("labels") if head.get("kind") == "classification" else None
+        self.tagger = head if head.get("kind") == "token_classification" else None
         self.engines, self.shared, self.retries = engines, shared, retries
         self._loads: dict[str, dict] = {}
         self._poll: asyncio.Task | None = None
@@ -290,6 +294,9 @@ class ReplicaBackend:
 
     async def classify(self, token_lists: list[list[int]]) -> torch.Tensor:
         return await self._call("classify", token_lists)
+
+    async def tag(self, windows: list) -> list[torch.Tensor]:
+        return await self._call("tag", windows)
 
     async def score(self, token_lists: list[list[int]], top: int) -> list:
         return await self._call("score", token_lists, top)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import attach_head, load_model
-from ..heads import SequenceClassifier
+from ..heads import SequenceClassifier, TokenClassifier
 from ..inference.engine import Engine, EngineConfig
 from ..inference.quantize import prepare_for_decoding
 from ..runtime import resolve_device, resolve_dtype, tune_allocator
@@ -91,9 +91,9 @@ class ReplicaOptions:
         return self.threads_per_replica or max(1, cpus // (self.max_replicas or self.replicas or 1))
 
 
-def build_engine(options: ServeOptions) -> tuple[Engine, dict, SequenceClassifier | None]:
-    """The engine over the checkpoint's model, the checkpoint's config.json, and its classifier
-    (sharing the engine's weights) when the checkpoint has a classification head."""
+def build_engine(options: ServeOptions) -> tuple[Engine, dict, SequenceClassifier | TokenClassifier | None]:
+    """The engine over the checkpoint's model, the checkpoint's config.json, and its task head
+    (sequence or token classifier, sharing the engine's weights) when the checkpoint has one."""
     config = EngineConfig(max_batch_size=options.max_batch_size, max_queue=options.max_queue,
                           max_seq_len=options.max_seq_len, step_tokens=options.step_tokens,
                           block_size=options.block_size, kv_cache_memory=options.kv_cache_memory,
@@ -131,7 +131,7 @@ def announce(options: ServeOptions, shown_key: str, scheme: str) -> None:
 
 
 def build_app(options: ServeOptions, engine: Engine, stored_template: str | None = None,
-              classifier: SequenceClassifier | None = None):
+              classifier: SequenceClassifier | TokenClassifier | None = None):
     config = serve_config(options, stored_template)
     shown_key = "$GPTSTACK_API_KEY"
     if not len(config.keys) and not options.insecure_no_auth:

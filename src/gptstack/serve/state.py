@@ -10,7 +10,7 @@ from fastapi import Depends, Request
 from jinja2 import Template
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from ..chat import DEFAULT_CHAT_STOPS, DEFAULT_CHAT_TEMPLATE
+from ..chat import DEFAULT_CHAT_STOPS, DEFAULT_CHAT_TEMPLATE, template_messages, tools_text
 from ..tokenizer import Tokenizer
 from .backend import Backend
 from .metrics import ServerMetrics
@@ -59,8 +59,12 @@ class ServerState:
     def tokenizer(self) -> Tokenizer:
         return self.backend.tokenizer
 
-    def render_chat(self, messages) -> str:
-        return self.chat_template.render(messages=[{"role": m.role, "content": m.text()} for m in messages])
+    def render_chat(self, messages, tools: list[dict] | None = None) -> str:
+        """The prompt for ``messages`` (ChatMessage) with ``tools`` (OpenAI's shape) offered: the
+        template gets OpenAI's fields, as Hugging Face templates expect, and chat.py's tool texts."""
+        dicts = [m.as_dict() for m in messages]
+        return self.chat_template.render(messages=template_messages(dicts), tools=tools or None,
+                                         tools_text=tools_text(tools))
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])

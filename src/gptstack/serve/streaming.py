@@ -23,7 +23,7 @@ from .schemas import error_body, usage
 log = logging.getLogger("gptstack.serve")
 
 # builds a stream chunk's choice from (choice index, event, whether it is that choice's first chunk)
-ChunkChoice = Callable[[int, TokenEvent, bool], dict]
+ChunkChoice = Callable[[int, TokenEvent, bool], "dict | None"]   # None: nothing to send for this event yet
 
 
 async def timed_events(handle: Handle, metrics: ServerMetrics) -> AsyncIterator[TokenEvent]:
@@ -105,9 +105,10 @@ async def merged_events(handles: list[Handle], metrics: ServerMetrics) -> AsyncI
 
 async def sse_chunks(handles: list[Handle], head: dict, choice: ChunkChoice,
                      metrics: ServerMetrics, include_usage: bool) -> AsyncIterator[str]:
-    """One chunk per event, then a usage chunk if asked for (``stream_options.include_usage``) and
-    ``data: [DONE]``. If the engine stops mid-stream (a replica died), an error event ends the
-    stream instead, which the openai client raises as an APIError."""
+    """One chunk per event (unless ``choice`` holds it back), then a usage chunk if asked for
+    (``stream_options.include_usage``) and ``data: [DONE]``. If the engine stops mid-stream (a
+    replica died), an error event ends the stream instead, which the openai client raises as an
+    APIError."""
     prompt_tokens = completion_tokens = 0
     started: set[int] = set()
     try:
@@ -116,8 +117,10 @@ async def sse_chunks(handles: list[Handle], head: dict, choice: ChunkChoice,
                 if event.finish_reason is not None:
                     prompt_tokens += event.prompt_tokens
                     completion_tokens += event.completion_tokens
-                yield sse({**head, "choices": [choice(index, event, index not in started)]})
-                started.add(index)
+                chunk = choice(index, event, index not in started)
+                if chunk is not None:
+                    yield sse({**head, "choices": [chunk]})
+                    started.add(index)
     except EngineStopped as exc:
         metrics.count_error(503)
         yield sse(error_body(f"{exc}; retry the request", "server_error", None, "engine_stopped"))

@@ -8,7 +8,7 @@ import functools
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
 
-from . import chat, classify, completions, embeddings, operations, tokens
+from . import chat, classify, completions, embeddings, ner, operations, tokens
 
 
 def add_routes(app: FastAPI) -> None:
@@ -25,6 +25,7 @@ def add_routes(app: FastAPI) -> None:
     post("/tokenize", tokens.tokenize)
     post("/detokenize", tokens.detokenize)
     post("/v1/classify", classify.classify)
+    post("/v1/ner", ner.ner)
     post("/v1/completions", completions.completions)
     post("/v1/chat/completions", chat.chat_completions)
     post("/v1/embeddings", embeddings.embeddings)

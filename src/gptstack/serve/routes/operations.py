@@ -32,7 +32,8 @@ async def prometheus(state: StateDep):
 
 async def playground(state: StateDep):
     page = PLAYGROUND.read_text().replace("{{MODEL}}", state.config.model_name)
-    return HTMLResponse(page.replace("{{CLASSIFIER}}", "true" if state.backend.labels else "false"))
+    page = page.replace("{{CLASSIFIER}}", "true" if state.backend.labels else "false")
+    return HTMLResponse(page.replace("{{TAGGER}}", "true" if state.backend.tagger else "false"))
 
 
 async def models(state: StateDep):

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from ..admission import check_model
 from ..errors import APIError
-from ..schemas import DetokenizeRequest, TokenizeRequest
+from ..schemas import DetokenizeRequest, TokenizeRequest, tool_dicts
 from ..state import StateDep
 
 
 async def tokenize(body: TokenizeRequest, state: StateDep):
     check_model(state, body.model)
-    if (body.prompt is None) == (body.messages is None):
+    given = body.model_fields_set & {"prompt", "messages"}
+    if len(given) != 1 or getattr(body, given.pop()) is None:
         raise APIError(400, "give exactly one of 'prompt' or 'messages'", param="prompt")
-    text = body.prompt if body.prompt is not None else state.render_chat(body.messages)
+    text = body.prompt if body.prompt is not None else state.render_chat(body.messages, tool_dicts(body.tools))
     ids = state.tokenizer.encode(text)
     return {"tokens": ids, "count": len(ids), "max_model_len": state.backend.max_seq_len}
 
