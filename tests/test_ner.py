@@ -264,8 +264,9 @@ def test_finetune_on_wnut_through_the_cli_then_eval(tiny_checkpoint, tmp_path):
     assert model.head.weight.abs().sum() > 0
 
     val = out / "splits" / "val.jsonl"
+    # fp32 as the run's validation was (args' dtype): "auto" may pick bf16 on some CPUs and flip near-ties
     proc = run_cli("eval", "--checkpoint", str(out / "best"), "--data", str(val), "--json", str(tmp_path / "r.json"),
-                   "--report", str(tmp_path / "r.html"), check=True)
+                   "--report", str(tmp_path / "r.html"), "--dtype", "fp32", check=True)
     assert "f1_micro" in proc.stdout and "confusion matrix" in proc.stdout
     results = json.loads((tmp_path / "r.json").read_text())
     assert results["task"] == "token_classification" and results["sentences"] == 12
@@ -324,31 +325,19 @@ def test_ner_route_on_a_live_server(tagger, server):
 
 
 def test_playground_marks_the_entities(tagger):
-    from test_playground import CHROMIUM, launch
+    from test_playground import CHROMIUM, playground
     if CHROMIUM is None:
         pytest.skip("needs Debian's chromium (.ci/run installs it)")
-    from playwright.sync_api import sync_playwright
-
-    s = Server(tagger)
-    try:
-        with sync_playwright() as p:
-            browser = launch(p)
-            try:
-                page = browser.new_page()
-                page.goto(s.url + "/")
-                assert not page.locator("#classify").is_visible()    # a tagger, not a classifier
-                page.fill("#key", s.key)
-                page.fill("#prompt", "I saw Carol in New York today")
-                page.click("#ner")
-                page.wait_for_function("document.getElementById('status').textContent.startsWith('done')",
-                                       timeout=30000)
-                marks = page.locator("#output mark")
-                assert [marks.nth(i).get_attribute("data-type") for i in range(marks.count())] == ["person", "location"]
-                assert marks.nth(1).inner_text().startswith("New York")
-                shown = page.evaluate("() => { const o = document.getElementById('output').cloneNode(true); "
-                                      "o.querySelectorAll('small').forEach(e => e.remove()); return o.textContent; }")
-                assert shown == "I saw Carol in New York today"                 # the text, unchanged around the marks
-            finally:
-                browser.close()
-    finally:
-        s.stop()
+    with playground(tagger) as (s, page):
+        assert not page.locator("#classify").is_visible()    # a tagger, not a classifier
+        page.fill("#key", s.key)
+        page.fill("#prompt", "I saw Carol in New York today")
+        page.click("#ner")
+        page.wait_for_function("document.getElementById('status').textContent.startsWith('done')",
+                               timeout=30000)
+        marks = page.locator("#output mark")
+        assert [marks.nth(i).get_attribute("data-type") for i in range(marks.count())] == ["person", "location"]
+        assert marks.nth(1).inner_text().startswith("New York")
+        shown = page.evaluate("() => { const o = document.getElementById('output').cloneNode(true); "
+                              "o.querySelectorAll('small').forEach(e => e.remove()); return o.textContent; }")
+        assert shown == "I saw Carol in New York today"                 # the text, unchanged around the marks

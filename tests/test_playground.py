@@ -1,5 +1,6 @@
 """The web playground in a real headless Chromium against the real server."""
 
+import contextlib
 import shutil
 
 import pytest
@@ -12,6 +13,26 @@ def launch(p):
     return p.chromium.launch(executable_path=CHROMIUM, args=[
         "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"])
+
+
+@contextlib.contextmanager
+def playground(checkpoint):
+    """The playground page of a server of its own over ``checkpoint``: (server, page)."""
+    from playwright.sync_api import sync_playwright
+
+    from conftest import Server
+    server = Server(checkpoint)
+    try:
+        with sync_playwright() as p:
+            browser = launch(p)
+            try:
+                page = browser.new_page()
+                page.goto(server.url + "/")
+                yield server, page
+            finally:
+                browser.close()
+    finally:
+        server.stop()
 
 
 def test_playground_streams_a_completion(server, tmp_path):
@@ -45,24 +66,11 @@ def test_playground_streams_a_completion(server, tmp_path):
 
 
 def test_playground_classifies_with_a_classifier(tiny_classifier):
-    from playwright.sync_api import sync_playwright
-
-    from conftest import Server
-    server = Server(tiny_classifier)
-    try:
-        with sync_playwright() as p:
-            browser = launch(p)
-            try:
-                page = browser.new_page()
-                page.goto(server.url + "/")
-                page.fill("#key", server.key)
-                page.fill("#prompt", "this movie was wonderful , the plot too")
-                page.click("#classify")
-                page.wait_for_function("document.getElementById('status').textContent.startsWith('done')",
-                                       timeout=30000)
-                text = page.locator("#output").inner_text()
-                assert text.startswith("label 1") and "0: 0." in text and "1: " in text
-            finally:
-                browser.close()
-    finally:
-        server.stop()
+    with playground(tiny_classifier) as (server, page):
+        page.fill("#key", server.key)
+        page.fill("#prompt", "this movie was wonderful , the plot too")
+        page.click("#classify")
+        page.wait_for_function("document.getElementById('status').textContent.startsWith('done')",
+                               timeout=30000)
+        text = page.locator("#output").inner_text()
+        assert text.startswith("label 1") and "0: 0." in text and "1: " in text

@@ -16,7 +16,7 @@ from fastapi.responses import StreamingResponse
 
 from ..inference.engine import EngineStopped, TokenEvent
 from .backend import Handle
-from .errors import APIError
+from .errors import APIError, overloaded
 from .metrics import ServerMetrics
 from .schemas import error_body, usage
 
@@ -121,9 +121,10 @@ async def sse_chunks(handles: list[Handle], head: dict, choice: ChunkChoice,
                 if chunk is not None:
                     yield sse({**head, "choices": [chunk]})
                     started.add(index)
-    except EngineStopped as exc:
+    except EngineStopped as exc:     # the same words as the 503 a request not yet streaming gets
         metrics.count_error(503)
-        yield sse(error_body(f"{exc}; retry the request", "server_error", None, "engine_stopped"))
+        refusal = overloaded(exc)
+        yield sse(error_body(refusal.message, refusal.type, None, refusal.code))
         return
     except Exception:    # headers are sent: the client hears of it as an error event, not a cut stream
         log.exception("a stream failed")
