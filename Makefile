@@ -50,7 +50,8 @@ WNUT := src/gptstack/assets/wnut17
 ner: install
 	test -f runs/demo/result.json || $(BIN)/gptstack train --config configs/demo.yaml
 	$(BIN)/gptstack finetune --task token_classification --init_from runs/demo/best --out_dir runs/ner \
-	    --data $(WNUT)/train.conll --eval_data $(WNUT)/dev.conll --max_steps 600 --learning_rate 1e-3 --best_metric f1_micro
+	    --data $(WNUT)/train.conll --eval_data $(WNUT)/dev.conll --word_features 131072 --token_crf true \
+	    --max_steps 600 --learning_rate 1e-3 --best_metric f1_micro
 	$(BIN)/gptstack eval --checkpoint runs/ner/best --data $(WNUT)/dev.conll --report runs/ner/report.html
 	$(BIN)/pip install --quiet --no-build-isolation -e '.[baselines]'    # sklearn-crfsuite for the baseline
 	$(BIN)/python bench/ner_baseline.py --checkpoint runs/ner/best

@@ -32,6 +32,7 @@ from gptstack.interop.hf import export_hf
 from gptstack.model import GPT
 from gptstack.runtime import tune_allocator
 from gptstack.tokenizer import load_tokenizer
+from machine import cpu_model   # bench/machine.py
 
 
 def decode_rates(runners: list[tuple[str, str, object]], new_tokens: int, repeats: int) -> list[tuple[str, str, float]]:
@@ -121,22 +122,6 @@ def same_precision(label: str) -> str:
     return GGUF_NAMES.get(word, word)
 
 
-def cpu_description() -> str:
-    """The CPU's model name and whether it has the bf16 matmul units that decide bf16 speed."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in open("/proc/cpuinfo"):
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    except OSError:   # not Linux
-        pass
-    units = ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in ("avx512_bf16", "amx_bf16", "amx_int8"))
-    return f"{model} ({units})"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="gpt2")
@@ -179,7 +164,7 @@ def main() -> None:
 
     llamacpp = {label: rate for impl, label, rate in rows if impl.startswith("llama.cpp")}
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"cpu: {cpu_description()}")
+    print(f"cpu: {cpu_model(('avx512_bf16', 'amx_bf16', 'amx_int8'))}")   # the units that decide bf16 speed
     if llamacpp:
         from importlib.metadata import version
         print(f"llama.cpp: llama-cpp-python {version('llama-cpp-python')} (built from source here), "

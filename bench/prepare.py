@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from gptstack.data.prepare import default_workers, prepare
+from machine import cpu_model   # bench/machine.py
 
 CORPUS = Path(__file__).resolve().parents[1] / "src" / "gptstack" / "assets" / "corpus" / "tinyshakespeare.txt"
 
@@ -52,15 +53,6 @@ def run(corpus: Path, out: Path, workers: int) -> dict:
     proc = subprocess.run([sys.executable, __file__, "--measure", str(corpus), str(out), str(workers)],
                           capture_output=True, text=True, check=True)
     return json.loads(proc.stdout)
-
-
-def cpu_model() -> str:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or platform.machine()
-    fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
-    return f"{fields.get('Model name', '?').strip()}, {fields.get('CPU(s)', '?').strip()} CPU(s)"
 
 
 def main() -> None:

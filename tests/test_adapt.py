@@ -231,6 +231,25 @@ def test_classifier_learns_and_loads_everywhere(tiny_classifier, tmp_path):
     assert proc.stdout.startswith("ROMEO:")
 
 
+def test_mean_pooling_reads_every_real_token_and_survives_a_save(tiny_checkpoint, tmp_path):
+    data = write_sentiment(tmp_path / "s.tsv", 120)
+    finetune(ft_config(tiny_checkpoint, data, tmp_path / "run", pooling="mean", max_steps=6, eval_interval=3))
+    assert json.loads((tmp_path / "run" / "best" / "config.json").read_text())["head"]["pooling"] == "mean"
+    classifier, tok, _ = load_classifier(tmp_path / "run" / "best")
+    assert classifier.pooling == "mean"
+    short, long = tok.encode("awful") + [tok.eot_id], tok.encode("a wonderful movie , truly") + [tok.eot_id]
+    # right padding changes nothing: a batch gives what each text gives alone
+    torch.testing.assert_close(classifier.predict([short, long]),
+                               torch.cat([classifier.predict([short]), classifier.predict([long])]))
+    # the head reads the average state: equal to averaging the backbone's states by hand
+    with torch.inference_mode():
+        hidden = classifier.gpt.hidden_states(torch.tensor([long]))[0].mean(0)
+        expected = torch.softmax(classifier.head(hidden).float(), -1)
+    torch.testing.assert_close(classifier.predict([long])[0], expected, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ConfigError, match="pooling must be one of"):
+        ft_config(tiny_checkpoint, data, tmp_path / "bad", pooling="max")
+
+
 def test_best_checkpoint_by_a_task_metric(tiny_checkpoint, tmp_path):
     data = write_sentiment(tmp_path / "s.tsv", 300)
     result = finetune(ft_config(tiny_checkpoint, data, tmp_path / "run", best_metric="f1_macro", max_steps=40,

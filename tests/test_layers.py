@@ -7,8 +7,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "gptstack"
 # The order of docs/architecture.md's module table.
-LAYERS = ["files", "runtime", "config", "tokenizer", "chat", "data", "loss", "_kernels", "ops", "kv_cache", "model", "heads", "lora", "checkpoint",
-          "sharded_checkpoint", "train", "inference", "evaluate", "adapt", "tune", "interop", "serve", "cli"]
+LAYERS = ["files", "runtime", "config", "tokenizer", "chat", "data", "loss", "_kernels", "ops", "kv_cache", "model", "crf", "heads", "lora", "crypto",
+          "dcp_io", "checkpoint", "sharded_checkpoint", "train", "inference", "evaluate", "adapt", "tune", "interop", "serve", "cli"]
 
 
 def imported_layers(path: Path) -> set[str]:

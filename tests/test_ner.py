@@ -5,24 +5,33 @@ metrics against seqeval, word-to-piece alignment, fine-tuning end to end, `gptst
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
+import os
 import random
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from seqeval.metrics import classification_report
 from seqeval.metrics.sequence_labeling import get_entities
 
 from gptstack.adapt.finetune import FinetuneConfig, finetune
 from gptstack.checkpoint import CheckpointError, load_classifier, load_token_classifier
-from gptstack.config import ConfigError, build_train_config
-from gptstack.data.conll import entity_spans, read_tagged, split_words, tags_from_spans
+from gptstack.config import ConfigError, ModelConfig, build_train_config
+from gptstack.crf import CRF, allowed_moves, scheme_potentials, viterbi
+from gptstack.data.conll import FEATURES_PER_WORD, entity_spans, read_tagged, split_words, tags_from_spans, word_features
 from gptstack.data.prepare import DataError
 from gptstack.evaluate.metrics import entity_metrics
-from gptstack.heads import TOKEN_CONTEXTS, joined, sentence_windows, tagging_windows
+from gptstack.files import sha256_file
+from gptstack.heads import TOKEN_CONTEXTS, TokenClassifier, pad_windows, tagging_windows
+from gptstack.model import GPT
 from gptstack.tokenizer import load_tokenizer
 
 from conftest import REPO, Server, cli_args, run_cli, tiny_finetune_overrides
@@ -168,15 +177,43 @@ def test_long_texts_are_cut_into_windows_that_fit():
     tok = load_tokenizer({"kind": "gpt2"})
     words = [f"word{i}" for i in range(40)]
     for context in TOKEN_CONTEXTS:
-        windows, counts = sentence_windows(tok, [words, ["x"]], context, 16)
-        assert counts[1] == 1 and counts[0] > 1
-        assert all(len(w.ids) <= 16 for w in windows)
-        assert sum(len(w.where) for w in windows[:counts[0]]) == 40
-        joined_rows = joined([torch.arange(len(w.where)) for w in windows], counts)
-        assert [len(j) for j in joined_rows] == [40, 1]
+        windows = tagging_windows(tok, words, context, 16)
+        assert len(windows) > 1 and all(len(w.ids) <= 16 for w in windows)
+        assert sum(len(w.where) for w in windows) == 40
+        # each window's words' features are those of the whole sentence (neighbours in other windows)
+        assert [f for w in windows for f in w.features()] == word_features(words)
     assert len(tagging_windows(tok, ["a" * 300], "last", 16)[0].ids) <= 16   # one huge word keeps its start
     with pytest.raises(ValueError, match="non-empty"):
         tagging_windows(tok, ["a", " "], "last", 16)
+
+
+@pytest.mark.parametrize("options", [{}, {"word_features": 512, "crf": True}])
+def test_sentences_of_several_windows_tag_as_their_windows_joined(options):
+    """A sentence longer than the context is read window by window and decoded whole: next to a short
+    one in a batch or alone, the same tags and probabilities, and its scores are its windows' scores."""
+    torch.manual_seed(0)
+    tok = load_tokenizer({"kind": "gpt2"})
+    gpt = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    model = TokenClassifier(gpt, ["O", "B-a", "I-a", "B-b"], "first", **options).eval()
+    if model.crf is not None:             # transitions that matter (they start at zero)
+        with torch.no_grad():
+            for p in model.crf.parameters():
+                p.normal_()
+    rng = random.Random(0)
+    long = [rng.choice(["Paris", "@bob", "the", "New", "York", "2day", "#win"]) for _ in range(30)]
+    sentences = [tagging_windows(tok, words, "first", 16) for words in (long, ["Hi", "Carol"])]
+    assert len(sentences[0]) > 2 and len(sentences[1]) == 1
+    with torch.inference_mode():
+        scores, mask = model(sentences)
+        windows = torch.cat([model([[window]])[0][0] for window in sentences[0]])
+    assert mask.sum(dim=1).tolist() == [30, 2]
+    torch.testing.assert_close(scores[0, :30], windows)
+    batched, alone = model.tag(sentences), [model.tag([s])[0] for s in sentences]
+    for (path, sure), (path_alone, sure_alone) in zip(batched, alone):
+        assert path == path_alone
+        torch.testing.assert_close(sure, sure_alone)
+    assert len(batched[0][0]) == 30 and len(batched[1][0]) == 2
+    assert pad_windows(sentences[0])[2] is None         # a head without word features never hashes them
 
 
 def test_split_words_keeps_offsets():
@@ -185,6 +222,101 @@ def test_split_words_keeps_offsets():
     assert all(text[s:e] == w for w, s, e in words)
     assert [w for w, _, _ in words] == ["Off", "to", "see", "@TaylorSwift13", "in", "New", "York", ",", "can't",
                                         "wait", "!", "!", "http://t.co/x", "#tour"]
+
+
+# --- the CRF layer and the word features ----------------------------------------------------------
+
+def brute_force(crf: CRF, scores: torch.Tensor) -> dict[tuple[int, ...], float]:
+    """Every tag sequence of one sentence [L, K] with its unnormalised log score, from the definition."""
+    start, transitions, end = (t.detach() for t in crf.potentials())
+    length, k = scores.shape
+    return {path: float(start[path[0]] + end[path[-1]] + sum(scores[t, tag] for t, tag in enumerate(path))
+                        + sum(transitions[a, b] for a, b in zip(path, path[1:])))
+            for path in itertools.product(range(k), repeat=length)}
+
+
+def random_crf(labels: list[str], seed: int) -> CRF:
+    crf = CRF(labels)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in crf.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator))
+    return crf
+
+
+@pytest.mark.parametrize("labels", [["O", "B-a", "I-a", "B-b"], ["O", "B-a", "I-a", "E-a", "S-a"]])
+def test_crf_matches_brute_force_over_every_path(labels):
+    crf = random_crf(labels, seed=len(labels))
+    lengths = [4, 1, 3]
+    scores = torch.randn(len(lengths), max(lengths), len(labels), generator=torch.Generator().manual_seed(1))
+    mask = torch.arange(max(lengths)) < torch.tensor(lengths)[:, None]
+    tags = torch.randint(len(labels), (len(lengths), max(lengths)), generator=torch.Generator().manual_seed(2))
+    nll, paths, marginals = crf.nll(scores, tags, mask).detach(), crf.viterbi(scores, mask), crf.marginals(scores, mask)
+    for row, n in enumerate(lengths):       # padding changes nothing: each row is scored on its own
+        every = brute_force(crf, scores[row, :n])
+        log_z = torch.logsumexp(torch.tensor(list(every.values())), 0)
+        gold = tuple(tags[row, :n].tolist())
+        assert float(nll[row]) == pytest.approx(float(log_z) - every[gold], rel=1e-5, abs=1e-4)
+        assert tuple(paths[row]) == max(every, key=every.get)
+        for t in range(n):
+            expected = [sum(torch.exp(torch.tensor(v) - log_z) for p, v in every.items() if p[t] == tag)
+                        for tag in range(len(labels))]
+            torch.testing.assert_close(marginals[row, t], torch.tensor(expected, dtype=torch.float), atol=1e-5, rtol=1e-4)
+
+
+def test_crf_trains_and_gradients_are_finite_with_unreachable_tags():
+    crf = CRF(["O", "I-a", "B-b", "I-b"])          # I-a never follows a B-a: no path reaches it
+    scores = torch.randn(2, 5, 4, requires_grad=True)
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    tags = torch.tensor([[0, 2, 3, 3, 0], [2, 0, 0, 0, 0]])
+    crf.nll(scores, tags, mask).sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (scores, crf.transitions, crf.start, crf.end))
+
+
+@pytest.mark.parametrize("labels", [["O", "B-a", "I-a", "B-b", "I-b"], ["O", "B-a", "I-a", "E-a", "S-a", "S-b"]])
+def test_viterbi_never_decodes_a_forbidden_move(labels):
+    """Scores that favour I-/E- tags everywhere: still every sequence the CRF decodes, and every one
+    constrained decoding of a softmax picks, is well-formed; and the latter is the softmax's own
+    choice whenever that is well-formed."""
+    crf = random_crf(labels, seed=3)
+    inside = torch.tensor([2.0 if tag[0] in "IE" else 0.0 for tag in labels])
+    scores = torch.randn(500, 4, len(labels), generator=torch.Generator().manual_seed(4)) * 3 + inside
+    mask = torch.ones(500, 4, dtype=torch.bool)
+    scheme = "bioes" if any(tag[0] in "ES" for tag in labels) else "bio"
+
+    def well_formed(path: list[int]) -> bool:
+        tags = [labels[i] for i in path]
+        return tags_from_spans(entity_spans(tags), len(tags), scheme) == tags
+    logp = torch.log_softmax(scores, -1)
+    constrained = viterbi(logp, mask, *scheme_potentials(labels))
+    assert all(map(well_formed, crf.viterbi(scores, mask))) and all(map(well_formed, constrained))
+    own = [row.tolist() for row in logp.argmax(-1)]
+    assert 0 < sum(map(well_formed, own)) < len(own)     # the test sees both cases
+    assert all(c == o for c, o in zip(constrained, own) if well_formed(o))
+
+
+def test_allowed_moves_follow_the_scheme():
+    start, follow, end = allowed_moves(["O", "B-a", "I-a", "B-b", "I-b"])
+    assert start.tolist() == [True, True, False, True, False] and end.all()
+    assert follow[:, 2].tolist() == [False, True, True, False, False]      # I-a only after B-a or I-a
+    assert follow[2].tolist() == [True, True, True, True, False]             # after I-a: anything but I-b
+    start, follow, end = allowed_moves(["O", "B-a", "I-a", "E-a", "S-a"])
+    assert start.tolist() == [True, True, False, False, True]
+    assert end.tolist() == [True, False, False, True, True]
+    assert follow[1].tolist() == [False, False, True, True, False]         # B-a: only I-a or E-a next
+
+
+def test_word_features_are_the_same_in_every_process():
+    words = ["Off", "to", "@TaylorSwift13", "in", "New", "York", "http://t.co/x", "#tour"]
+    rows = word_features(words)
+    assert len(rows) == len(words) and all(len(r) == FEATURES_PER_WORD for r in rows)
+    code = f"from gptstack.data.conll import word_features; print(word_features({words!r}))"
+    for seed in ("1", "2"):                # Python's own str hash differs with PYTHONHASHSEED
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+        assert json.loads(out) == rows
+    assert word_features(["new", "york"])[0] != word_features(["New", "york"])[0]     # case is seen
+    assert word_features(["x", "Paris"])[0] != word_features(["x", "paris"])[0]     # and so is the next word's
 
 
 # --- fine-tuning, eval, serving ------------------------------------------------------------------
@@ -232,34 +364,54 @@ def tagger(tiny_checkpoint, tmp_path_factory) -> Path:
     data = write_synthetic(work / "train.conll", 300)
     finetune(build_train_config(overrides=tiny_finetune_overrides(
         tiny_checkpoint, data, work / "run", task="token_classification", best_metric="f1_micro", max_steps=150,
-        learning_rate=3e-3), cls=FinetuneConfig))
+        learning_rate=3e-3, word_features=4096, token_crf=True), cls=FinetuneConfig))
     return work / "run" / "best"
 
 
 def test_tagger_learns_and_reloads(tagger):
     config = json.loads((tagger / "config.json").read_text())
-    assert config["head"] == {"kind": "token_classification", "context": "first",
+    assert config["head"] == {"kind": "token_classification", "context": "first", "word_features": 4096, "crf": True,
                               "labels": ["O", "B-location", "I-location", "B-person"]}
     assert config["meta"]["metrics"]["f1_micro"] > 0.9       # held-out sentences of the same frames
     model, tok, _ = load_token_classifier(tagger)
-    windows, counts = sentence_windows(tok, [["I", "saw", "Carol", "in", "New", "York", "today"]], model.context, 256)
-    tags = [model.labels[i] for i in joined(model.predict(windows), counts)[0].argmax(-1).tolist()]
-    assert tags == ["O", "O", "B-person", "O", "B-location", "I-location", "O"]
+    assert model.crf is not None and model.bag.weight.shape == (4096, model.head.in_features - model.gpt.config.n_embd)
+    [(path, sure)] = model.tag([tagging_windows(tok, ["I", "saw", "Carol", "in", "New", "York", "today"], model.context, 256)])
+    assert [model.labels[i] for i in path] == ["O", "O", "B-person", "O", "B-location", "I-location", "O"]
+    assert ((0 < sure) & (sure <= 1)).all()
     with pytest.raises(CheckpointError, match="has no classification head"):
         load_classifier(tagger)
 
 
-def test_finetune_on_wnut_through_the_cli_then_eval(tiny_checkpoint, tmp_path):
+def test_a_head_missing_its_weights_is_a_checkpoint_error(tagger, tmp_path):
+    """A config saying "crf": true over weights without the CRF's transitions (a hand-edited or
+    foreign checkpoint) names the directory, not torch's state-dict error alone."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tagger, broken)
+    state = load_file(broken / "model.safetensors")
+    save_file({k: v for k, v in state.items() if not k.startswith("token_classifier.crf.")}, broken / "model.safetensors")
+    sums = json.loads((broken / "checksums.json").read_text())
+    (broken / "checksums.json").write_text(json.dumps({**sums, "model.safetensors": sha256_file(broken / "model.safetensors")}))
+    with pytest.raises(CheckpointError, match=rf"{broken} does not hold the weights of the token_classification head(.|\n)*crf"):
+        load_token_classifier(broken)
+
+
+@pytest.mark.parametrize("head", [{"token_context": "next"}, {"word_features": 1024, "token_crf": "true"}])
+def test_finetune_on_wnut_through_the_cli_then_eval(tiny_checkpoint, tmp_path, head):
     data = wnut_slice(tmp_path / "wnut.conll", 48)
     assert len(read_tagged(data)) == 48
     out = tmp_path / "run"
     args = tiny_finetune_overrides(tiny_checkpoint, data, out, max_steps=12, eval_interval=6, val_fraction=0.25,
-                                   best_metric="f1_micro", token_context="next")
+                                   best_metric="f1_micro", **head)
     run_cli("finetune", "--task", "token_classification", *cli_args(args), check=True)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "val_f1_micro" in r] == [6, 12]
     model, _, config = load_token_classifier(out / "best")
-    assert model.context == "next" and model.head.in_features == 2 * model.gpt.config.n_embd
+    n_embd = model.gpt.config.n_embd
+    if "token_crf" in head:   # the CRF's transitions and the feature table were trained and stored
+        assert model.crf.transitions.abs().sum() > 0 and model.bag.weight.shape[0] == 1024
+        assert model.head.in_features == n_embd + model.bag.weight.shape[1]
+    else:
+        assert model.context == "next" and model.crf is None and model.head.in_features == 2 * n_embd
     assert set(model.labels) == {t for r in read_tagged(out / "splits" / "train.jsonl") for t in r["tags"]}
     assert model.head.weight.abs().sum() > 0
 
@@ -280,10 +432,12 @@ def test_finetune_on_wnut_through_the_cli_then_eval(tiny_checkpoint, tmp_path):
 
 
 def test_finetune_config_errors(tiny_checkpoint, tmp_path):
-    with pytest.raises(ConfigError, match="token_context must be one of"):
-        build_train_config(overrides={"init_from": str(tiny_checkpoint), "data": "x.conll",
-                                      "task": "token_classification", "token_context": "middle"},
-                           cls=FinetuneConfig).validate()
+    for bad, message in [({"token_context": "middle"}, "token_context must be one of"),
+                         ({"word_features": -1}, "word_features is a number of hash buckets"),
+                         ({"token_crf": True, "class_weights": "balanced"}, "a token_crf scores whole sentences")]:
+        with pytest.raises(ConfigError, match=message):
+            build_train_config(overrides={"init_from": str(tiny_checkpoint), "data": "x.conll",
+                                          "task": "token_classification", **bad}, cls=FinetuneConfig).validate()
     train = write_synthetic(tmp_path / "train.conll", 20)
     dev = tmp_path / "dev.conll"
     dev.write_text("Zed B-group\n")

@@ -30,7 +30,8 @@ def test_schemathesis_finds_nothing(server):
     cli = Path(sys.executable).with_name("schemathesis")
     cli = str(cli) if cli.exists() else shutil.which("schemathesis")
     proc = subprocess.run([cli, "run", server.url + "/openapi.json", "--checks", "all", "--max-examples", "60",
-                           "--seed", "1", "--no-color", "-H", f"Authorization: Bearer {server.key}"],
+                           "--seed", "1", "--no-color", "-H", f"Authorization: Bearer {server.key}",
+                           "--request-timeout", "30"],     # a hang is a finding (an error), not a stalled test
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-6000:]
     assert "No issues found" in proc.stdout.splitlines()[-1]

@@ -150,10 +150,21 @@ def cmd_prepare(args) -> None:
     started = time.perf_counter()
     manifest = prepare(args.inputs, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
                        seed=args.seed, shard_tokens=args.shard_tokens, encoding=args.encoding,
-                       text_field=args.text_field, workers=args.workers, progress=not args.quiet)
+                       text_field=args.text_field, workers=args.workers, progress=not args.quiet,
+                       scrub_pii=args.scrub_pii, pii_replacement=args.pii_replacement, pii_types=args.pii_types)
     splits = manifest["splits"]
     print(f"wrote {args.out}: {splits['train']['tokens']:,} train and {splits['val']['tokens']:,} val tokens "
           f"from {manifest['documents']} document(s) in {time.perf_counter() - started:.1f}s")
+    if manifest["pii"]:
+        from pathlib import Path
+        print_pii_report(json.loads((Path(args.out) / manifest["pii"]["report"]).read_text()))
+
+
+def print_pii_report(report: dict) -> None:
+    """What scrubbing replaced, per file and type: counts, never the values."""
+    print(f"personal and secret data replaced ({report['replacement']}s):")
+    for name, counts in [*report["files"].items(), ("all files", report["replaced"])]:
+        print(f"  {name}: " + ", ".join(f"{kind} {count}" for kind, count in counts.items()))
 
 
 def cmd_train(args, extra: list[str]) -> None:
@@ -280,6 +291,31 @@ def print_logprobs(tokenizer, events) -> None:
             print(f"{tokenizer.decode([event.token_id])!r}\t{event.logprob:.4f}\t{alternatives}".rstrip())
 
 
+def cmd_keygen(args) -> None:
+    from .crypto import KEY_FILE_ENV, write_new_key
+    print(f"wrote a new 256-bit key to {write_new_key(args.out)} (readable by you alone); use it with "
+          f"--key-file {args.out} or {KEY_FILE_ENV}={args.out}, and keep a copy: without it encrypted "
+          "checkpoints cannot be read")
+
+
+def add_key_file_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--key-file", help="the key of encrypted checkpoints (`gptstack keygen`); also read from "
+                                      "GPTSTACK_KEY_FILE or GPTSTACK_KEY, never from the command line")
+
+
+def use_key_file(args) -> None:
+    """``--key-file`` becomes where this process, and those it starts, find the key (crypto.py)."""
+    from .crypto import KEY_FILE_ENV
+    if getattr(args, "key_file", None):
+        os.environ[KEY_FILE_ENV] = args.key_file
+
+
+def refuse_key_on_command_line(argv: list[str]) -> None:
+    if any(arg == "--key" or arg.startswith("--key=") for arg in argv):
+        raise ConfigError("a key is never taken on the command line, where other users see it (ps) and shells "
+                          "keep it (history): pass --key-file FILE, or set GPTSTACK_KEY_FILE or GPTSTACK_KEY")
+
+
 def cmd_export(args) -> None:
     if args.format == "gguf":
         from .interop.gguf import export_gguf
@@ -314,8 +350,9 @@ def cmd_serve(args) -> None:
 
 
 def add_eval_flags(p: argparse.ArgumentParser) -> None:
+    from .evaluate.attack import ATTACKS
     from .evaluate.tasks import TASKS, EvalConfig
-    add_dataclass_flags(p, EvalConfig, {
+    add_dataclass_flags(p, EvalConfig, {"attack": {"choices": ATTACKS},
         "checkpoint": {"required": True},
         "data": {"required": True, "help": "text file or prepared dataset (lm); labelled .tsv/.csv/.jsonl "
                                            "(classification); CoNLL or tagged .jsonl (token_classification); "
@@ -324,11 +361,13 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
         "dtype": {"choices": ["auto", *DTYPES]}, "progress": QUIET})
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--report", help="write an .html or .png report with plots")
+    add_key_file_flag(p)
 
 
 def add_tune_flags(p: argparse.ArgumentParser) -> None:
     from .tune import TuneConfig
     add_dataclass_flags(p, TuneConfig, {"space": {"required": True}, "out_dir": {"flag": "--out"}, "progress": QUIET})
+    add_key_file_flag(p)    # for trials that encrypt or start from an encrypted checkpoint
 
 
 def unescape(text: str) -> str:
@@ -347,6 +386,7 @@ def add_generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-samples", type=int, default=1, help="samples one after another, seeds seed, seed+1, ...")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="weights dtype: auto (as saved), fp32, bf16")
+    add_key_file_flag(p)
 
 
 def add_serve_flags(p: argparse.ArgumentParser) -> None:
@@ -364,9 +404,10 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         "requests_per_minute": {"help": "per API key; 0 = unlimited"},
         "tokens_per_minute": {"help": "per API key (prompt + max_tokens); 0 = unlimited"},
         "metrics_public": {"help": "serve /metrics without a key"},
-        "log_prompts": {"help": "write prompt text to the log (off by default)"},
+        "log_prompts": {"help": "write prompt text to the log (off by default), scrubbed of personal and secret data"},
     }, documented_by=(EngineConfig,))
     add_dataclass_flags(p, ReplicaOptions)
+    add_key_file_flag(p)
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -408,15 +449,23 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--encoding", default="utf-8")
     p.add_argument("--text-field", default="text", help="JSONL field holding the text")
     p.add_argument("--workers", type=int, help="tokenizing processes (default: all cores); the output does not depend on it")
+    p.add_argument("--scrub-pii", action="store_true", help="replace personal and secret data (e-mail, phone, card, "
+                   "IBAN, SSN, IP, keys, names) before tokenizing; counts per file go to pii_report.json")
+    p.add_argument("--pii-replacement", choices=["tag", "pseudonym"], default="tag",
+                   help="tag: <EMAIL>; pseudonym: <EMAIL_3f9a0c1e>, the same for the same value within the run")
+    p.add_argument("--pii-types", default="all", help="'all' or a comma-separated choice of SECRET, EMAIL, IBAN, "
+                   "CARD, SSN, IP, PHONE, NAME")
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("train", help="pretrain a GPT; any config key can be overridden as --key value")
     p.add_argument("--config", help="a YAML or JSON config file (NVIDIA-style GPT-3 keys accepted)")
+    add_key_file_flag(p)
 
     p = sub.add_parser("finetune", help="adapt a checkpoint: classification, token classification (NER) or SFT, "
                                         "full / LoRA / frozen layers; "
                                         "any config key as --key value")
     p.add_argument("--config", help="a YAML or JSON fine-tuning config file")
+    add_key_file_flag(p)
 
     add_command("eval", "score a checkpoint: perplexity / bits per byte, accuracy / F1, or ROUGE", add_eval_flags)
     add_command("tune", "search hyperparameters with Optuna; rerun the same command to resume", add_tune_flags)
@@ -432,6 +481,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--gguf-type", choices=WEIGHT_TYPES, default=DEFAULT_WEIGHT_TYPE,
                    help=f"gguf: type of the weight matrices (norms, biases, positions stay f32); "
                         f"default {DEFAULT_WEIGHT_TYPE}")
+    add_key_file_flag(p)
 
     p = sub.add_parser("import", help="read a Hugging Face GPT-2 directory or a GPT-2 .gguf file into a "
                                       "gptstack checkpoint")
@@ -439,12 +489,15 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
 
     add_command("serve", "serve a checkpoint behind an OpenAI-compatible HTTP API", add_serve_flags)
+
+    p = sub.add_parser("keygen", help="write a new random key for encrypted checkpoints (docs/security.md)")
+    p.add_argument("--out", required=True, help="the key file to create (mode 0600; never overwritten)")
     return parser
 
 
 COMMANDS = {"tokenize": cmd_tokenize, "train-tokenizer": cmd_train_tokenizer, "model-info": cmd_model_info,
             "plan": cmd_plan, "prepare": cmd_prepare, "eval": cmd_eval, "tune": cmd_tune, "generate": cmd_generate,
-            "export": cmd_export, "import": cmd_import, "serve": cmd_serve}
+            "export": cmd_export, "import": cmd_import, "serve": cmd_serve, "keygen": cmd_keygen}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -452,6 +505,8 @@ def main(argv: list[str] | None = None) -> int:
     command = next((arg for arg in argv if not arg.startswith("-")), "")
     args, extra = build_parser(only=command).parse_known_args(argv)
     try:
+        refuse_key_on_command_line(argv)
+        use_key_file(args)
         if args.command == "train":
             cmd_train(args, extra)
         elif args.command == "finetune":

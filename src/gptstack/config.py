@@ -131,6 +131,38 @@ def preset(name: str) -> Preset:
 # --- Training -----------------------------------------------------------------------------------
 DEFAULT_STEPS = 1000   # a run's length when neither max_steps, max_epochs nor max_time is given
 
+# What scrubbing of personal and secret data (data/pii.py) can be asked for: settings, read here,
+# below the code that does it, since the configs of training and fine-tuning check them too.
+PII_TYPES = ("SECRET", "EMAIL", "IBAN", "CARD", "SSN", "IP", "PHONE", "NAME")    # most specific first
+PII_REPLACEMENTS = ("tag", "pseudonym")
+
+
+def pii_settings(scrub_pii: bool, replacement: str, types: str) -> dict | None:
+    """What scrubbing was asked for, checked (a bad type or replacement fails before any work), as a
+    manifest records it; None without scrubbing. A ValueError says what is wrong."""
+    if not scrub_pii:
+        return None
+    check_replacement(replacement)
+    return {"types": list(parse_pii_types(types)), "replacement": replacement}
+
+
+def check_replacement(replacement: str) -> None:
+    if replacement not in PII_REPLACEMENTS:
+        raise ValueError(f"pii replacement must be one of {PII_REPLACEMENTS}, got {replacement!r}")
+
+
+def parse_pii_types(spec: str) -> tuple[str, ...]:
+    """``"all"`` or a comma-separated choice of PII_TYPES (any case), in PII_TYPES order."""
+    if spec.strip().lower() == "all":
+        return PII_TYPES
+    chosen = {t.strip().upper() for t in spec.split(",") if t.strip()}
+    unknown = sorted(chosen - set(PII_TYPES))
+    if unknown or not chosen:
+        raise ValueError(f"pii types must be 'all' or a comma-separated choice of {', '.join(PII_TYPES)}; got {spec!r}"
+                         + (f" ({', '.join(unknown)} unknown)" if unknown else ""))
+    return tuple(t for t in PII_TYPES if t in chosen)
+
+
 @dataclass
 class TrainConfig:
     """One training run. ``model`` is a preset name plus optional per-field overrides."""
@@ -141,6 +173,9 @@ class TrainConfig:
     preset: str = "cpu-small"
     model: dict = field(default_factory=dict)   # ModelConfig fields overriding the preset
     tokenizer: str = "gpt2"             # used only when `data` is raw text and gets prepared here
+    scrub_pii: bool = False             # replace personal and secret data before tokenizing (docs/security.md)
+    pii_replacement: str = "tag"        # "tag" (<EMAIL>) | "pseudonym" (<EMAIL_3f9a0c1e>, the same per value in a run)
+    pii_types: str = "all"              # "all" or some of SECRET,EMAIL,IBAN,CARD,SSN,IP,PHONE,NAME
     init_from: str = ""                 # a checkpoint dir to start from (weights only)
     resume: bool = True                 # continue from out_dir/last if it exists
 
@@ -194,6 +229,7 @@ class TrainConfig:
     eval_iters: int = 20
     log_interval: int = 10
     checkpoint_interval: int = 0        # 0 = checkpoint only at evals and at the end
+    encrypt: bool = False               # seal checkpoints with AES-256-GCM, the key from --key-file or the environment (docs/security.md)
     best_metric: str = "val_loss"       # what picks best/ (and what tuning reads): one of available_metrics()
     tensorboard: bool = True
     progress: bool = True
@@ -227,10 +263,18 @@ class TrainConfig:
             cfg.vocab_size = vocab_size
         return cfg.validate()
 
+    def pii_settings(self) -> dict | None:
+        """What ``scrub_pii`` asks for (see pii_settings); None without it."""
+        return pii_settings(self.scrub_pii, self.pii_replacement, self.pii_types)
+
     def validate(self) -> "TrainConfig":
         preset(self.preset)
         self.model_config()
         require(bool(self.data), "data is required: a dataset dir made by `gptstack prepare`, or a text file/folder")
+        try:
+            self.pii_settings()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         for name in ("batch_size", "grad_accum_steps", "eval_batch_size", "batch_rampup_start",
                      "eval_interval", "eval_iters", "log_interval"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
@@ -285,6 +329,9 @@ def normalise_keys(raw: dict) -> dict:
     """Map alias keys and nested/dotted model keys onto TrainConfig's own layout."""
     out: dict[str, Any] = {}
     model: dict[str, Any] = dict(raw.get("model") or {}) if isinstance(raw.get("model"), dict) else {}
+    named = [k for k in [*raw, *model] if not isinstance(k, str)]
+    if named:   # YAML makes keys of numbers, booleans and null too
+        raise ConfigError(f"config keys must be names, got {named[0]!r}")
     for key, value in raw.items():
         if key == "model" and isinstance(value, dict):
             continue
@@ -352,7 +399,7 @@ def field_hint(cls, name: str):
 def _coerce(value: Any, hint, name: str):
     """Convert ``value`` to the field's type, or raise a ConfigError naming the field."""
     origin = get_origin(hint)
-    if origin is dict:
+    if dict in (origin, hint):
         if isinstance(value, dict):
             return value
         raise ConfigError(f"{name} must be a mapping, got {value!r}")
@@ -375,12 +422,12 @@ def _coerce(value: Any, hint, name: str):
             return int(float(value)) if isinstance(value, str) and ("e" in value.lower() or "." in value) else int(value)
         if hint is float:
             result = float(value)
-            if math.isnan(result):
+            if not math.isfinite(result):
                 raise ValueError
             return result
         if hint is str:
             return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):   # OverflowError: int(float("1e400"))
         raise ConfigError(f"{name} must be of type {hint.__name__}, got {value!r}") from None
     return value
 

@@ -10,7 +10,9 @@ Layout::
     DIR/.metadata, DIR/__R_0.distcp   DCP: "model" and, in last/, "optimizer" (keyed by parameter name)
     DIR/config.json                   as in checkpoint.py, plus "sharded": true
     DIR/train_state.json + .safetensors   optional: step, RNG per process, scaler (not sharded)
-    DIR/checksums.json                SHA-256 of every file; each process hashes the shards it wrote
+    DIR/encryption.json               only when encrypted: every other file, DCP's included, is then
+                                      sealed as a whole (AES-256-GCM, see checkpoint.py and crypto.py)
+    DIR/checksums.json                SHA-256 of every file as stored; each process hashes the shards it wrote
 
 A save is written to a temporary sibling directory and renamed into place once every process has
 finished and checksums.json is written, so a kill at any moment leaves the previous checkpoint.
@@ -18,9 +20,9 @@ finished and checksums.json is written, so a kill at any moment leaves the previ
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
+import dataclasses
+import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -28,12 +30,13 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
-from safetensors.torch import load_file, save_file
 
-from .checkpoint import (FORMAT_VERSION, CheckpointError, join_tensors, quietly_in_one_process, replace_dir,
-                         split_tensors, verify)
+from .checkpoint import (FORMAT_VERSION, CheckpointError, CheckpointWriter, load_dcp, load_train_state, new_cipher,
+                         quietly_in_one_process, staged_save, verify)
 from .config import ModelConfig
-from .files import fsync_path, sha256_file
+from .crypto import SCOPE_BYTES, FileCipher, key_id
+from .dcp_io import SealedFiles, dcp_failures_raised
+from .files import sha256_file
 from .tokenizer import Tokenizer
 
 
@@ -56,43 +59,56 @@ def _everyone(obj):
 
 
 def save_sharded(directory: str | Path, model: torch.nn.Module, tokenizer: Tokenizer, model_cfg: ModelConfig,
-                 meta: dict, optimizer: torch.optim.Optimizer | None = None, train_state: dict | None = None) -> Path:
+                 meta: dict, optimizer: torch.optim.Optimizer | None = None, train_state: dict | None = None,
+                 encrypt: bool = False) -> Path:
     """Write ``model`` (this process's part of it) and optionally its optimizer. Collective: every
-    process calls it; ``train_state`` is used from rank 0."""
+    process calls it; ``train_state`` is used from rank 0. ``encrypt``: seal every file with the key
+    from the environment."""
     from dataclasses import asdict
     directory = Path(directory)
     rank = dist.get_rank() if _distributed() else 0
-    tmp = None
-    if rank == 0:
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        for stale in directory.parent.glob(f".{directory.name}.*"):   # left by a save that was killed
-            if stale.is_dir() and stale.name != f".{directory.name}.old":
-                shutil.rmtree(stale, ignore_errors=True)
-        tmp = tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent)
-    tmp = Path(_everyone(tmp)[0])
-    state = {"model": get_model_state_dict(model)}
-    if optimizer is not None:
-        state["optimizer"] = get_optimizer_state_dict(model, optimizer, options=BY_NAME)
-    with quietly_in_one_process():
-        dcp.save(state, checkpoint_id=tmp, no_dist=not _distributed())
-    mine = {p.name: sha256_file(p) for p in tmp.glob(f"__{rank}_*.distcp")}
-    sums = {name: digest for part in _everyone(mine) for name, digest in part.items()}
-    if rank == 0:
-        config = {"format_version": FORMAT_VERSION, "sharded": True, "model": asdict(model_cfg),
-                  "tokenizer": tokenizer.save(tmp), "meta": meta}
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        if train_state is not None:
-            tensors, skeleton = split_tensors(train_state)
-            save_file(tensors, tmp / "train_state.safetensors")
-            (tmp / "train_state.json").write_text(json.dumps(skeleton))
-        sums.update({p.name: sha256_file(p) for p in tmp.iterdir() if p.name not in sums})
-        (tmp / "checksums.json").write_text(json.dumps(dict(sorted(sums.items())), indent=2))
-        for p in tmp.iterdir():
-            fsync_path(p)
-        replace_dir(tmp, directory)
+    cipher = agreed_cipher(directory) if encrypt else None
+    with staged_save(directory) if rank == 0 else nullcontext() as staging:
+        tmp = Path(_everyone(staging and str(staging))[0])
+        state = {"model": get_model_state_dict(model)}
+        if optimizer is not None:
+            state["optimizer"] = get_optimizer_state_dict(model, optimizer, options=BY_NAME)
+        writer = dcp.FileSystemWriter(tmp, sync_files=False)   # CheckpointWriter.finish flushes every file
+        if cipher is not None:
+            writer.fs = SealedFiles(seal=cipher.seal)
+        with quietly_in_one_process(), dcp_failures_raised():
+            dcp.save(state, storage_writer=writer, no_dist=not _distributed())
+        mine = {p.name: sha256_file(p) for p in tmp.glob(f"__{rank}_*.distcp")}
+        sums = {name: digest for part in _everyone(mine) for name, digest in part.items()}
+        if rank == 0:
+            files = CheckpointWriter(tmp, cipher)
+            files.json("config.json", {"format_version": FORMAT_VERSION, "sharded": True, "model": asdict(model_cfg),
+                                       "tokenizer": files.tokenizer(tokenizer), "meta": meta})
+            if train_state is not None:
+                files.train_state(train_state)
+            files.finish(sums)
     if _distributed():
         dist.barrier()
     return directory
+
+
+def agreed_cipher(directory: Path) -> FileCipher:
+    """The cipher every process seals its files of ``directory`` with: its own key, which must be
+    every other's, and rank 0's scope. Collective, and so is its failure: a process without the key
+    (or with another one) makes every process raise, where raising alone would leave the others
+    waiting for it in the save's next collective."""
+    try:
+        mine, problem = new_cipher(directory), None
+    except CheckpointError as exc:
+        mine, problem = None, str(exc)
+    views = _everyone((os.urandom(SCOPE_BYTES), key_id(mine.key) if mine else None, problem))
+    problems = [f"process {rank}: {problem}" for rank, (_, _, problem) in enumerate(views) if problem]
+    if problems:
+        raise CheckpointError("; ".join(problems))
+    if len({key for _, key, _ in views}) > 1:
+        raise CheckpointError(f"cannot write {directory} encrypted: the processes were given different keys "
+                              f"(key ids {sorted({key for _, key, _ in views})}); give them all the same one")
+    return dataclasses.replace(mine, scope=views[0][0])
 
 
 def load_sharded(directory: str | Path, model: torch.nn.Module,
@@ -104,15 +120,8 @@ def load_sharded(directory: str | Path, model: torch.nn.Module,
     state = {"model": get_model_state_dict(model)}
     if optimizer is not None:
         state["optimizer"] = get_optimizer_state_dict(model, optimizer, options=BY_NAME)
-    try:
-        with quietly_in_one_process():
-            dcp.load(state, checkpoint_id=directory, no_dist=not _distributed())
-    except Exception as exc:   # DCP reports a shape or key mismatch as a generic exception
-        raise CheckpointError(f"{directory} does not fit this model: {str(exc).splitlines()[0]}") from None
+    load_dcp(state, directory, f"{directory} does not fit this model", no_dist=not _distributed())
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optimizer"], options=BY_NAME)
-    if not (directory / "train_state.json").exists():
-        return {}
-    skeleton = json.loads((directory / "train_state.json").read_text())
-    return join_tensors(load_file(directory / "train_state.safetensors"), skeleton)
+    return load_train_state(directory) or {}

@@ -13,10 +13,9 @@ that whatever reads them later tokenizes exactly the same way.
 from __future__ import annotations
 
 import codecs
-import shutil
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Protocol
+from typing import Callable, Iterable, Protocol
 
 ASSETS = Path(__file__).parent / "assets" / "tokenizer"
 GPT2_EOT = "<|endoftext|>"
@@ -35,7 +34,8 @@ class Tokenizer(Protocol):
     def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
     def decode(self, ids: Iterable[int]) -> str: ...
     def token_bytes(self, token_id: int) -> bytes | None: ...
-    def save(self, directory: Path) -> dict: ...
+    def spec(self) -> dict: ...
+    def files(self) -> dict[str, bytes]: ...
 
 
 class GPT2Tokenizer:
@@ -71,9 +71,13 @@ class GPT2Tokenizer:
     def token_bytes(self, token_id: int) -> bytes:
         return self._enc.decode_single_token_bytes(token_id)
 
-    def save(self, directory: Path) -> dict:
-        """The spec to store beside data written to ``directory`` (the BPE ships with the package)."""
+    def spec(self) -> dict:
+        """What checkpoints and datasets store to load this tokenizer again."""
         return {"kind": "gpt2"}
+
+    def files(self) -> dict[str, bytes]:
+        """Files to store beside the spec: none, the BPE ships with the package."""
+        return {}
 
 
 class HFTokenizer:
@@ -81,15 +85,18 @@ class HFTokenizer:
 
     name = "hf"
 
-    def __init__(self, path: str | Path, eot_token: str | None = None) -> None:
+    def __init__(self, path: str | Path, eot_token: str | None = None, contents: bytes | None = None) -> None:
+        """``contents``: the file's bytes when they were read already (decrypted from an encrypted
+        checkpoint); ``path`` then only names it."""
         from tokenizers import Tokenizer as _HFTok
 
         self.path = Path(path)
-        if not self.path.is_file():
+        if contents is None and not self.path.is_file():
             raise TokenizerError(f"tokenizer file {self.path} does not exist; pass the path of a "
                                  "Hugging Face tokenizer.json or train one with `gptstack train-tokenizer`")
+        self.contents = self.path.read_bytes() if contents is None else contents
         try:
-            self._tok = _HFTok.from_file(str(self.path))
+            self._tok = _HFTok.from_str(self.contents.decode("utf-8"))
         except Exception as exc:  # the library raises plain Exceptions for bad files
             raise TokenizerError(f"{self.path} is not a valid tokenizer.json: {exc}") from exc
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
@@ -123,11 +130,12 @@ class HFTokenizer:
             return piece.encode()
         return bytes(self._byte_decoder[ch] for ch in piece)
 
-    def save(self, directory: Path) -> dict:
-        target = Path(directory) / "tokenizer.json"
-        if self.path.resolve() != target.resolve():
-            shutil.copyfile(self.path, target)
+    def spec(self) -> dict:
+        """What checkpoints and datasets store to load this tokenizer again, with :meth:`files`."""
         return {"kind": "hf", "path": "tokenizer.json", "eot_token": self.eot_token}
+
+    def files(self) -> dict[str, bytes]:
+        return {"tokenizer.json": self.contents}
 
 
 def _is_byte_level(tok) -> bool:
@@ -169,6 +177,15 @@ def load_tokenizer(spec: str | dict | None = None, base_dir: str | Path | None =
             path = Path(base_dir) / path
         return HFTokenizer(path, spec.get("eot_token"))
     raise TokenizerError(f"unknown tokenizer kind {kind!r}; use 'gpt2' or a path to a tokenizer.json")
+
+
+def save_tokenizer(tokenizer: Tokenizer, directory: str | Path,
+                   stored: Callable[[str, bytes], bytes] | None = None) -> dict:
+    """Write the tokenizer's files into ``directory``, each as ``stored(name, data)`` makes it (an
+    encrypted checkpoint seals them); returns the spec that loads it from there."""
+    for name, data in tokenizer.files().items():
+        (Path(directory) / name).write_bytes(stored(name, data) if stored else data)
+    return tokenizer.spec()
 
 
 @lru_cache(maxsize=1)

@@ -4,12 +4,14 @@
   hidden state) trained with cross-entropy, optionally class-weighted, in dynamically padded batches;
   validation reports loss, accuracy and macro precision / recall / F1.
 * ``token_classification``: a :class:`~gptstack.heads.TokenClassifier` (a label per word, e.g.
-  named-entity tags) on CoNLL or JSONL sentences; validation reports loss and entity-level micro
-  precision / recall / F1 and macro F1 (seqeval's default mode).
+  named-entity tags; optionally with the words' lexical features and a CRF layer) on CoNLL or JSONL
+  sentences; validation reports loss and entity-level micro precision / recall / F1 and macro F1
+  (seqeval's default mode).
 * ``sft``: language modelling on prompt/response pairs or chats, with the loss only on response
   tokens, over packed fixed-length windows; validation reports loss and perplexity.
 
-Full fine-tuning, LoRA adapters and frozen layers are all choices of the config. Batches are a pure
+Full fine-tuning, LoRA adapters, frozen layers and (classification) adversarial training on the
+token embeddings (adversarial.py) are all choices of the config. Batches are a pure
 function of (seed, step): every rank draws the same rows and works on its own share, in
 micro-batches of ``batch_size``. ``last/`` (adapters unmerged) resumes a killed run exactly
 (``resume: true``); ``best/`` (by ``best_metric``) is an ordinary checkpoint that ``generate``,
@@ -21,6 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -34,7 +37,8 @@ from ..chat import DEFAULT_CHAT_TEMPLATE
 from ..checkpoint import load_classifier, load_model, load_token_classifier, with_config
 from ..config import ConfigError, TrainConfig, require
 from ..data.conll import read_tagged
-from ..data.prepare import DataError
+from ..data.pii import Scrubber, run_key
+from ..data.prepare import PII_REPORT, DataError, pii_report
 from ..data.records import (
     IGNORE_INDEX,
     encode_sft,
@@ -42,18 +46,20 @@ from ..data.records import (
     labelled_texts,
     pack_windows,
     read_records,
+    scrubbed,
     split_records,
     write_jsonl,
 )
 from ..evaluate.metrics import classification_metrics, entity_metrics
-from ..heads import (TOKEN_CONTEXTS, SequenceClassifier, TokenClassifier, classification_ids, joined, pad_right,
-                     pad_windows, sentence_windows)
+from ..heads import (POOLINGS, TOKEN_CONTEXTS, SequenceClassifier, TokenClassifier, classification_ids, pad_right,
+                     tagging_windows)
 from ..lora import LORA_TARGETS, LoRAConfig, add_lora, is_lora_key, merge_lora
 from ..model import GPT
 from ..runtime import autocast
 from ..tokenizer import Tokenizer
 from ..train import distributed
 from ..train.loop import RESULT, OnEval, TrainResult, run
+from .adversarial import METHODS as ADVERSARIAL_METHODS, adversarial_loss
 
 log = logging.getLogger("gptstack.finetune")
 TASKS = ("classification", "sft", "token_classification")
@@ -87,8 +93,17 @@ class FinetuneConfig(TrainConfig):
     max_length: int = 0                  # classification: tokens per text (0 = the model's context)
     token_context: str = "first"         # token_classification: which states label a word (heads.TOKEN_CONTEXTS;
                                          # first scored best on WNUT 2017 dev, docs/benchmarks.md)
+    word_features: int = 0               # token_classification: hash buckets of the words' lexical features
+                                         # (shape, affixes, neighbours) read beside the states (0 = none)
+    token_crf: bool = False              # token_classification: a CRF output layer (Viterbi over whole sentences)
+    pooling: str = "last"                # classification: the state(s) the head reads (heads.POOLINGS): the last
+                                         # token's, as GPT-1, or the mean of all tokens' (docs/benchmarks.md, SST-2)
     lm_loss_weight: float = 0.0          # classification: weight of GPT-1's auxiliary language-modelling
                                          # loss on the training texts (the paper used 0.5)
+    adversarial: str = "none"            # classification: "none" | "fgm" | "pgd": also train on token embeddings moved to raise the loss (adapt/adversarial.py)
+    adversarial_epsilon: float = 0.05    # adversarial: L2 bound of that move, per sequence (all its tokens' embeddings together)
+    adversarial_steps: int = 3           # adversarial pgd: gradient steps (fgm takes one)
+    adversarial_weight: float = 1.0      # adversarial: the loss is clean + weight * perturbed
 
     lora_rank: int = 0                   # 0 = no LoRA: train the weights themselves
     lora_alpha: float = 16.0
@@ -122,8 +137,12 @@ class FinetuneConfig(TrainConfig):
         require(bool(self.init_from), "init_from is required: the checkpoint to fine-tune (e.g. runs/demo/best)")
         require(bool(self.data), "data is required: a .tsv/.csv/.jsonl file of examples (see README, Fine-tune)")
         require(self.task in TASKS, f"task must be one of {TASKS}, got {self.task!r}")
+        require(self.pooling in POOLINGS, f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         require(self.token_context in TOKEN_CONTEXTS,
                 f"token_context must be one of {TOKEN_CONTEXTS}, got {self.token_context!r}")
+        require(self.word_features >= 0, f"word_features is a number of hash buckets (0: none), got {self.word_features}")
+        require(not self.token_crf or (self.class_weights == "none" and not self.label_smoothing),
+                "class_weights and label_smoothing weigh words one by one; a token_crf scores whole sentences")
         super().validate()
         defaults = FinetuneConfig.__dataclass_fields__
         changed = [name for name in PRETRAINING_ONLY if getattr(self, name) != defaults[name].default]
@@ -141,6 +160,13 @@ class FinetuneConfig(TrainConfig):
         require(self.lm_loss_weight >= 0, f"lm_loss_weight must be >= 0, got {self.lm_loss_weight}")
         require(not self.lm_loss_weight or self.task == "classification",
                 f"lm_loss_weight is for task classification (sft is language modelling already), got task {self.task!r}")
+        require(self.adversarial in ADVERSARIAL_METHODS,
+                f"adversarial must be one of {ADVERSARIAL_METHODS}, got {self.adversarial!r}")
+        require(self.adversarial == "none" or self.task == "classification",
+                f"adversarial training is for task classification, got task {self.task!r}")
+        require(self.adversarial_epsilon > 0, f"adversarial_epsilon must be > 0, got {self.adversarial_epsilon}")
+        require(self.adversarial_steps >= 1, f"adversarial_steps must be >= 1, got {self.adversarial_steps}")
+        require(self.adversarial_weight >= 0, f"adversarial_weight must be >= 0, got {self.adversarial_weight}")
         if self.lora_rank:
             try:
                 self.lora_config().validate()
@@ -198,6 +224,11 @@ class FinetuneTask:
 
     def __init__(self, cfg: FinetuneConfig, info: distributed.DistInfo):
         self.cfg, self.info, self.name = cfg, info, cfg.task
+        self.pii, self.pii_found = cfg.pii_settings(), {}
+        self.scrubber = None
+        if self.pii:   # with the run's key, from rank 0: every rank, and a resumed run, scrubs to the same text
+            key = distributed.broadcast_object(run_key(cfg.out_dir) if info.is_main else None, info)
+            self.scrubber = Scrubber(tuple(self.pii["types"]), self.pii["replacement"], key)
         self.train = self.val = None
 
     def build(self, resume_dir: Path | None) -> tuple[torch.nn.Module, Tokenizer]:
@@ -227,15 +258,26 @@ class FinetuneTask:
         """The records of a data file (a task with its own file formats reads them here)."""
         return read_records(path)
 
+    def _read(self, path: str) -> list[dict]:
+        """``read``, scrubbed of personal and secret data when ``scrub_pii`` asks (labels and tags
+        kept); out_dir/pii_report.json counts what was replaced in each file."""
+        if not self.pii:
+            return self.read(path)
+        records, self.pii_found[path] = scrubbed(self.read(path), self.scrubber, (self.cfg.label_field, "tags"))
+        if self.info.is_main:
+            Path(self.cfg.out_dir).mkdir(parents=True, exist_ok=True)
+            (Path(self.cfg.out_dir) / PII_REPORT).write_text(json.dumps(pii_report(self.pii, self.pii_found), indent=2))
+        return records
+
     def _records(self) -> tuple[list[dict], list[dict]]:
         """(train, val); the splits cut from ``data`` are written down, so that `gptstack eval` and
         a baseline score the very same held-out rows."""
-        records = self.read(self.cfg.data)
+        records = self._read(self.cfg.data)
         splits = {}
         if self.cfg.test_fraction:    # cut first, with its own seed: the test rows do not move with val_fraction
             records, splits["test"] = split_records(records, self.cfg.test_fraction, self.cfg.seed + 1)
         if self.cfg.eval_data:
-            train, val = records, self.read(self.cfg.eval_data)
+            train, val = records, self._read(self.cfg.eval_data)
         else:
             train, val = split_records(records, self.cfg.val_fraction, self.cfg.seed)
             if val:
@@ -304,7 +346,7 @@ class ClassificationTask(FinetuneTask):
         self.train, self.val = tensors(train), tensors(val) if val else None
         weights = class_weights(cfg.class_weights, train.labels, self.labels)
         self.class_weights = None if weights is None else weights.to(self.info.device)
-        return classifier or SequenceClassifier(gpt, self.labels)
+        return classifier or SequenceClassifier(gpt, self.labels, cfg.pooling)
 
     def batch(self, rows: np.ndarray, device) -> tuple:
         ids, labels = self.train
@@ -313,10 +355,21 @@ class ClassificationTask(FinetuneTask):
 
     def loss(self, model: SequenceClassifier, batch: tuple) -> torch.Tensor:
         idx, lengths, labels = batch
-        lm_weight = self.cfg.lm_loss_weight
-        logits, lm_loss = model(idx, lengths, with_lm_loss=True) if lm_weight else (model(idx, lengths), 0.0)
-        return F.cross_entropy(logits.float(), labels, weight=self.class_weights,
-                               label_smoothing=self.cfg.label_smoothing) + lm_weight * lm_loss
+        cfg = self.cfg
+        logits, lm_loss = model(idx, lengths, with_lm_loss=True) if cfg.lm_loss_weight else (model(idx, lengths), 0.0)
+        loss = self.criterion(logits, labels) + cfg.lm_loss_weight * lm_loss
+        if cfg.adversarial == "none":
+            return loss
+        # past DDP's wrapper: the search's passes are not steps of their own, and the gradients of
+        # both losses meet in each parameter before DDP reduces them
+        classifier = getattr(model, "module", model)
+        real = torch.arange(idx.shape[1], device=idx.device)[None] < lengths[:, None]
+        perturbed = adversarial_loss(classifier.gpt, lambda: self.criterion(classifier(idx, lengths), labels), idx, real,
+                                     cfg.adversarial_epsilon, cfg.adversarial_steps if cfg.adversarial == "pgd" else 1)
+        return loss + cfg.adversarial_weight * perturbed
+
+    def criterion(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), labels, weight=self.class_weights, label_smoothing=self.cfg.label_smoothing)
 
     def evaluate(self, model: SequenceClassifier, device, dtype, info) -> dict:
         """The whole held-out set on every rank: the same numbers everywhere, no messages."""
@@ -351,8 +404,9 @@ def class_weights(setting: str, train_labels: list[str], labels: list[str]) -> t
 
 class TokenClassificationTask(FinetuneTask):
     """Tagged sentences (CoNLL or JSONL, data/conll.py) read by a :class:`~gptstack.heads.TokenClassifier`:
-    each sentence is one or more windows of BPE pieces, the loss is cross-entropy over words, and
-    validation scores entities as seqeval's default mode does (exact type and boundaries)."""
+    each sentence is one or more windows of BPE pieces, a batch is whole sentences, the loss is per
+    word (cross-entropy, or the CRF's sentence likelihood), and validation scores entities as
+    seqeval's default mode does (exact type and boundaries)."""
 
     def read(self, path: str) -> list[dict]:
         return read_tagged(path)
@@ -366,40 +420,46 @@ class TokenClassificationTask(FinetuneTask):
         block = min(self.cfg.max_length or gpt.config.block_size, gpt.config.block_size)
         index = {label: i for i, label in enumerate(self.labels)}
 
-        def tensors(records) -> tuple[list, list[torch.Tensor], list[int]]:
-            windows, counts = sentence_windows(tokenizer, [r["tokens"] for r in records], context, block)
-            targets = torch.tensor([index[t] for r in records for t in r["tags"]]).split([len(w.where) for w in windows])
-            return windows, list(targets), counts
+        def tensors(records) -> tuple[list, list[torch.Tensor]]:
+            return ([tagging_windows(tokenizer, r["tokens"], context, block) for r in records],
+                    [torch.tensor([index[t] for t in r["tags"]]) for r in records])
         self.train = tensors(train_records)
         self.val = tensors(val_records) if val_records else None
         self.val_tags = [r["tags"] for r in val_records]
         weights = class_weights(self.cfg.class_weights, [t for r in train_records for t in r["tags"]], self.labels)
         self.class_weights = None if weights is None else weights.to(self.info.device)
-        return classifier or TokenClassifier(gpt, self.labels, context)
+        return classifier or TokenClassifier(gpt, self.labels, context, self.cfg.word_features, self.cfg.token_crf)
 
     def batch(self, rows: np.ndarray, device) -> tuple:
-        windows, targets, _ = self.train
-        idx, where, _ = pad_windows([windows[r] for r in rows], device)
-        labels = torch.nn.utils.rnn.pad_sequence([targets[r] for r in rows], batch_first=True, padding_value=IGNORE_INDEX)
-        return idx, where, labels.to(device)
+        sentences, targets = self.train
+        return [sentences[r] for r in rows], padded_tags([targets[r] for r in rows], device)
 
     def loss(self, model: TokenClassifier, batch: tuple) -> torch.Tensor:
-        idx, where, labels = batch
-        return F.cross_entropy(model(idx, where).float().flatten(0, 1), labels.flatten(), weight=self.class_weights,
-                               ignore_index=IGNORE_INDEX, label_smoothing=self.cfg.label_smoothing)
+        sentences, tags = batch
+        # the loss lies past DDP's wrapper, which only forwards ``forward``
+        return getattr(model, "module", model).loss(*model(sentences), tags, self.class_weights, self.cfg.label_smoothing)
 
     def evaluate(self, model: TokenClassifier, device, dtype, info) -> dict:
         """The whole held-out set on every rank: the same numbers everywhere, no messages."""
         if self.val is None:
             return {}
-        windows, targets, counts = self.val
-        with autocast(device, dtype):
-            probs = model.predict(windows, self.cfg.eval_batch_size)
-        gold = torch.cat(targets)
-        nll = -torch.cat(probs).gather(1, gold[:, None]).clamp_min(1e-12).log().sum().item()
-        predicted = [[self.labels[i] for i in p.argmax(-1).tolist()] for p in joined(probs, counts)]
+        sentences, targets = self.val
+        nll, predicted = 0.0, []
+        for start in range(0, len(sentences), self.cfg.eval_batch_size):
+            rows = slice(start, start + self.cfg.eval_batch_size)
+            with autocast(device, dtype):
+                scores, mask = model(sentences[rows])
+                loss = model.loss(scores, mask, padded_tags(targets[rows], device))
+            nll += loss.item() * int(mask.sum())
+            predicted += [[self.labels[i] for i in path] for path, _ in model.decode(scores, mask)]
         report = entity_metrics(self.val_tags, predicted)
-        return {"val_loss": nll / len(gold), **{k: report[k] for k in TASK_METRICS["token_classification"][1:]}}
+        words = sum(len(t) for t in targets)
+        return {"val_loss": nll / words, **{k: report[k] for k in TASK_METRICS["token_classification"][1:]}}
+
+
+def padded_tags(targets: list[torch.Tensor], device) -> torch.Tensor:
+    """Sentences' tag ids as one [S, longest] batch, IGNORE_INDEX past each sentence's end."""
+    return torch.nn.utils.rnn.pad_sequence(targets, batch_first=True, padding_value=IGNORE_INDEX).to(device)
 
 
 def tag_order(tag_lists) -> list[str]:

@@ -16,12 +16,18 @@ file: it is read the way conlleval and seqeval's default mode read it (an ``I-``
 continue an entity of its type starts one) and written back well-formed in the file's scheme. So
 training, evaluation and the server all see one reading of every sequence, and it is the one the
 published WNUT scores were computed with.
+
+``word_descriptions`` describes each word as a classical CRF tagger does (lower case, shape, affixes,
+capitalisation and @ / # / URL flags, its own and its neighbours'); ``word_features`` gives the
+same as hashes a tagger's head can look up: a small backbone that knows little of the task's text
+gains most from these.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import zlib
 from pathlib import Path
 
 from .prepare import DataError, json_lines
@@ -145,6 +151,49 @@ def tags_from_spans(spans: list[Span], length: int, scheme: str) -> list[str]:
         if scheme == "bioes":
             tags[end - 1] = f"E-{kind}" if end - start > 1 else f"S-{kind}"
     return tags
+
+
+def shape(word: str) -> str:
+    """Xxxx-style shape with runs collapsed: "iPhone7" -> "xXxd"."""
+    return re.sub(r"(.)\1+", r"\1", re.sub(r"[A-Z]", "X", re.sub(r"[a-z]", "x", re.sub(r"\d", "d", word))))
+
+
+def describe_word(word: str) -> dict[str, str]:
+    """The lexical features a classical NER tagger reads from a word on its own, by name."""
+    lower = word.lower()
+    flags = {"title": word.istitle(), "upper": word.isupper(), "digit": any(c.isdigit() for c in word),
+             "mention": word.startswith("@"), "hashtag": word.startswith("#"),
+             "url": lower.startswith(("http", "www.")), "alpha": word.isalpha()}
+    return {"lower": lower, "shape": shape(word), "flags": ",".join(k for k, on in flags.items() if on),
+            **{f"prefix{n}": lower[:n] for n in (1, 2, 3)}, **{f"suffix{n}": lower[-n:] for n in (1, 2, 3)}}
+
+
+# which features of which neighbour describe a word: all of its own, fewer the further away
+NEIGHBOURHOOD = ((0, ("lower", "shape", "flags", "prefix1", "prefix2", "prefix3", "suffix1", "suffix2", "suffix3")),
+                 (-1, ("lower", "shape", "flags", "prefix3", "suffix3")), (1, ("lower", "shape", "flags", "prefix3", "suffix3")),
+                 (-2, ("lower", "shape", "flags")), (2, ("lower", "shape", "flags")))
+FEATURES_PER_WORD = sum(len(names) for _, names in NEIGHBOURHOOD)
+
+
+def word_descriptions(words: list[str]) -> list[dict[str, str]]:
+    """Each word's FEATURES_PER_WORD lexical features (NEIGHBOURHOOD) as {"offset:name": value}; a
+    neighbour beyond the sentence's edge has the value "<edge>". One description for the tagger's
+    hashed features and the classical CRF baseline (bench/ner_baseline.py), so both read the same."""
+    described, edge = [describe_word(w) for w in words], dict.fromkeys(describe_word(""), "<edge>")
+    rows = []
+    for i in range(len(words)):
+        row = {}
+        for offset, names in NEIGHBOURHOOD:
+            seen = described[i + offset] if 0 <= i + offset < len(words) else edge
+            row.update({f"{offset}:{name}": seen[name] for name in names})
+        rows.append(row)
+    return rows
+
+
+def word_features(words: list[str]) -> list[list[int]]:
+    """:func:`word_descriptions` as 32-bit hashes of "offset:name=value", for a tagger's head to look up
+    (CRC-32: the same in every process, unlike Python's ``hash``)."""
+    return [[zlib.crc32(f"{key}={value}".encode()) for key, value in row.items()] for row in word_descriptions(words)]
 
 
 def split_words(text: str) -> list[tuple[str, int, int]]:

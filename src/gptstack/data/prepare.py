@@ -39,7 +39,7 @@ import signal
 import sys
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
@@ -50,10 +50,13 @@ from typing import Callable, Iterable, Iterator, NamedTuple
 import numpy as np
 from tqdm import tqdm
 
+from ..config import pii_settings
 from ..files import sha256_file, write_text_atomic
-from ..tokenizer import Tokenizer, load_tokenizer
+from ..tokenizer import Tokenizer, load_tokenizer, save_tokenizer
+from .pii import KEY_FILE, Scrubber, run_key
 
 MANIFEST = "manifest.json"
+PII_REPORT = "pii_report.json"  # with --scrub-pii: what was replaced, per file and type (never the values)
 PROGRESS = "progress.json"     # the manifest in progress: what a killed run needs to go on
 LOCK = ".lock"                 # held by the run writing the folder
 FORMAT_VERSION = 1
@@ -341,6 +344,7 @@ class Piece:
     text: str
     ends_document: bool           # an end-of-text token follows it
     cursor: Cursor | None         # where a run can start again after it; None inside a JSONL record
+    file: int = 0                 # index of its file in corpus order (the scrubbing report is per file)
 
 
 class CorpusWalk:
@@ -413,36 +417,42 @@ class CorpusWalk:
 
     def _piece(self, split: str, text: str, ends_document: bool, at: dict | None, **changes) -> Piece:
         self._chars += len(text)
+        file = self.cursor.file
         if at is None:
-            return Piece(split, text, ends_document, None)
+            return Piece(split, text, ends_document, None, file)
         self.cursor = self.cursor._replace(chars=self._chars, **at, **changes)
-        return Piece(split, text, ends_document, self.cursor)
+        return Piece(split, text, ends_document, self.cursor, file)
 
 
 # --- tokenizing ---------------------------------------------------------------------------------
 
 class PieceEncoder:
     """(text, ends document) pairs -> token arrays, with an end-of-text after each text that ends a
-    document. One call is one core: the parallelism is the pool's."""
+    document, each with what the scrubber (if any) replaced before tokenizing. One call is one
+    core: the parallelism is the pool's."""
 
-    def __init__(self, tokenizer: Tokenizer, dtype: np.dtype):
-        self.tokenizer, self.dtype = tokenizer, dtype
+    def __init__(self, tokenizer: Tokenizer, dtype: np.dtype, scrubber: Scrubber | None = None):
+        self.tokenizer, self.dtype, self.scrubber = tokenizer, dtype, scrubber
 
-    def __call__(self, texts: list[tuple[str, bool]]) -> list[np.ndarray]:
+    def __call__(self, texts: list[tuple[str, bool]]) -> list[tuple[np.ndarray, dict]]:
         eot = [self.tokenizer.eot_id]
-        return [np.array(self.tokenizer.encode(text) + (eot if ends else []), dtype=self.dtype) for text, ends in texts]
+        encoded = []
+        for text, ends in texts:
+            text, found = self.scrubber.scrub(text) if self.scrubber else (text, {})
+            encoded.append((np.array(self.tokenizer.encode(text) + (eot if ends else []), dtype=self.dtype), found))
+        return encoded
 
 
 _worker_encoder: PieceEncoder | None = None
 
 
-def _start_worker(spec: dict, base_dir: Path, dtype: np.dtype) -> None:
+def _start_worker(spec: dict, base_dir: Path, dtype: np.dtype, scrubber: Scrubber | None) -> None:
     """In each pool process: Ctrl-C is the parent's to handle; the parent's end, even by kill -9, is
     the worker's (it would wait for work forever); the tokenizer is loaded once."""
     global _worker_encoder
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_with, args=(multiprocessing.parent_process().sentinel,), daemon=True).start()
-    _worker_encoder = PieceEncoder(load_tokenizer(spec, base_dir), dtype)
+    _worker_encoder = PieceEncoder(load_tokenizer(spec, base_dir), dtype, scrubber)
 
 
 def _exit_with(parent_sentinel: int) -> None:
@@ -450,7 +460,7 @@ def _exit_with(parent_sentinel: int) -> None:
     os._exit(1)
 
 
-def _encode_in_worker(texts: list[tuple[str, bool]]) -> list[np.ndarray]:
+def _encode_in_worker(texts: list[tuple[str, bool]]) -> list[tuple[np.ndarray, dict]]:
     return _worker_encoder(texts)
 
 
@@ -473,19 +483,20 @@ def _texts(batch: list[Piece]) -> list[tuple[str, bool]]:
 
 
 def _tokenized(pieces: Iterator[Piece], encoder: PieceEncoder, spec: dict, base_dir: Path,
-               workers: int) -> Iterator[tuple[Piece, np.ndarray]]:
-    """Each piece with its tokens, in corpus order."""
+               workers: int) -> Iterator[tuple[Piece, np.ndarray, dict]]:
+    """Each piece with its tokens and what was scrubbed from it, in corpus order."""
     batches = _batches(pieces)
     if workers == 1:
         encoded = ((batch, encoder(_texts(batch))) for batch in batches)
     else:
-        encoded = _encoded_in_pool(batches, spec, base_dir, encoder.dtype, workers)
-    for batch, arrays in encoded:
-        yield from zip(batch, arrays)
+        encoded = _encoded_in_pool(batches, spec, base_dir, encoder.dtype, workers, encoder.scrubber)
+    for batch, results in encoded:
+        for piece, (tokens, found) in zip(batch, results):
+            yield piece, tokens, found
 
 
-def _encoded_in_pool(batches: Iterator[list[Piece]], spec: dict, base_dir: Path, dtype: np.dtype,
-                     workers: int) -> Iterator[tuple[list[Piece], list[np.ndarray]]]:
+def _encoded_in_pool(batches: Iterator[list[Piece]], spec: dict, base_dir: Path, dtype: np.dtype, workers: int,
+                     scrubber: Scrubber | None = None) -> Iterator[tuple[list[Piece], list[tuple[np.ndarray, dict]]]]:
     """Batches with their tokens from ``workers`` processes, in order, at most two per worker in
     flight (so memory stays bounded however far ahead reading could run).
 
@@ -497,7 +508,8 @@ def _encoded_in_pool(batches: Iterator[list[Piece]], spec: dict, base_dir: Path,
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(sorted(name for name in sys.modules if name.partition(".")[0] == "gptstack"))
     try:
-        with ProcessPoolExecutor(workers, context, initializer=_start_worker, initargs=(spec, base_dir, dtype)) as pool:
+        with ProcessPoolExecutor(workers, context, initializer=_start_worker,
+                                 initargs=(spec, base_dir, dtype, scrubber)) as pool:
             ahead: deque = deque()
             for batch in batches:
                 ahead.append((batch, pool.submit(_encode_in_worker, _texts(batch))))
@@ -597,23 +609,33 @@ def default_workers() -> int:
 def prepare(inputs: list[str | Path], out_dir: str | Path, tokenizer: str | dict | Tokenizer = "gpt2",
             val_fraction: float = 0.1, seed: int = 1337, shard_tokens: int = 100_000_000,
             encoding: str = "utf-8", text_field: str = "text", workers: int | None = None,
-            progress: bool = True) -> dict:
+            progress: bool = True, scrub_pii: bool = False, pii_replacement: str = "tag",
+            pii_types: str = "all", pii_key: bytes | None = None) -> dict:
     """Tokenize a corpus into train/val shards under ``out_dir``, going on from where an interrupted
     run there stopped; ``workers`` processes (default: all cores). Returns the manifest. A script
-    calling it needs ``if __name__ == "__main__":``: the workers import the main module again."""
+    calling it needs ``if __name__ == "__main__":``: the workers import the main module again.
+
+    ``scrub_pii`` replaces personal and secret data (data/pii.py) before tokenizing, and writes
+    what it replaced, per file and type, to pii_report.json (counts only). Pseudonyms are made with
+    ``pii_key`` (a training run's, that its datasets share: see pii.run_key), else with a key of this
+    preparation's own, kept in out_dir/pii_key (mode 0600) until it finishes, so that a resumed
+    preparation uses it too, and deleted then."""
     tok = tokenizer if hasattr(tokenizer, "encode_batch") else load_tokenizer(tokenizer)
     out = Path(out_dir)
     _check_options(out, val_fraction, shard_tokens, workers)
+    pii = pii_settings(scrub_pii, pii_replacement, pii_types)
     files, total_bytes = _listing(inputs, out)
     job = {"inputs": [str(p) for p in inputs], "files": files, "tokenizer": _tokenizer_identity(tok),
            "encoding": encoding, "text_field": text_field, "val_fraction": val_fraction, "seed": seed,
-           "shard_tokens": shard_tokens, "format_version": FORMAT_VERSION}
+           "shard_tokens": shard_tokens, "format_version": FORMAT_VERSION, "pii": pii}
     with _writing_alone(out):
         if (out / MANIFEST).exists():       # checked under the lock: a run may have finished meanwhile
             raise DataError(f"{out} already holds a prepared dataset; remove it or choose another --out")
         state = _interrupted_run(out, job) or _first_pass(out, job, total_bytes, progress)
         scan, cursor = Scan(**state["scan"]), Cursor(**state["cursor"])
-        spec = tok.save(out)
+        scrubber = Scrubber(tuple(pii["types"]), pii["replacement"], pii_key or run_key(out)) if pii else None
+        found = {int(file): Counter(counts) for file, counts in state.get("pii_found", {}).items()}
+        spec = save_tokenizer(tok, out)
         dtype = np.dtype(np.uint16 if tok.vocab_size <= 65536 else np.uint32)
         writers = {split: ShardWriter(out, split, dtype, shard_tokens, state["splits"][split]) for split in SPLITS}
         if cursor.chars and progress:
@@ -625,13 +647,16 @@ def prepare(inputs: list[str | Path], out_dir: str | Path, tokenizer: str | dict
         started, tokens_done = time.perf_counter(), 0
         with tqdm(total=scan.characters, initial=cursor.chars, unit="char", unit_scale=True, desc="tokenizing",
                   disable=not progress, dynamic_ncols=True) as bar:
-            for piece, tokens in _tokenized(walk.pieces(), PieceEncoder(tok, dtype), spec, out, workers):
+            for piece, tokens, replaced in _tokenized(walk.pieces(), PieceEncoder(tok, dtype, scrubber), spec, out,
+                                                      workers):
                 writers[piece.split].write(tokens)
+                found.setdefault(piece.file, Counter()).update(replaced)
                 tokens_done += len(tokens)
                 bar.set_postfix_str(f"{tokens_done / (time.perf_counter() - started):,.0f} tokens/s", refresh=False)
                 bar.update(len(piece.text))
                 if piece.cursor is not None and any(w.finished_since_checkpoint for w in writers.values()):
-                    state.update(cursor=piece.cursor._asdict(), splits={s: w.checkpoint() for s, w in writers.items()})
+                    state.update(cursor=piece.cursor._asdict(), splits={s: w.checkpoint() for s, w in writers.items()},
+                                 pii_found=found)
                     write_text_atomic(out / PROGRESS, json.dumps(state))
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -645,10 +670,25 @@ def prepare(inputs: list[str | Path], out_dir: str | Path, tokenizer: str | dict
             "characters": scan.characters,
             "inputs": [str(p) for p in inputs],
             "splits": {split: writer.close() for split, writer in writers.items()},
+            "pii": pii,
         }
+        if pii:
+            report = pii_report(pii, {str(path): found.get(index, Counter())
+                                      for index, path in enumerate(corpus_files(inputs, out))})
+            manifest["pii"] = {**pii, "report": PII_REPORT, "replaced": report["replaced"]}
+            write_text_atomic(out / PII_REPORT, json.dumps(report, indent=2))
         write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2))
         (out / PROGRESS).unlink()
+        if pii_key is None:     # done: no one can now link its pseudonyms to values by hashing guesses
+            (out / KEY_FILE).unlink(missing_ok=True)
     return manifest
+
+
+def pii_report(pii: dict, found: dict[str, Counter]) -> dict:
+    """How many of each type were replaced in each file and in all: counts, never the values."""
+    total = sum(found.values(), Counter())
+    return {**pii, "replaced": {kind: total[kind] for kind in pii["types"]},
+            "files": {name: {kind: counts[kind] for kind in pii["types"]} for name, counts in found.items()}}
 
 
 def _check_options(out: Path, val_fraction: float, shard_tokens: int, workers: int | None) -> None:
@@ -735,10 +775,19 @@ def prepared_location(path: str | Path, cache_dir: str | Path) -> Path:
     return Path(cache_dir) / source.stem
 
 
-def ensure_prepared(path: str | Path, cache_dir: str | Path, tokenizer: str = "gpt2", progress: bool = True) -> Path:
+def ensure_prepared(path: str | Path, cache_dir: str | Path, tokenizer: str = "gpt2", progress: bool = True,
+                    pii: dict | None = None, pii_key: bytes | None = None) -> Path:
     """A prepared dataset dir as is; raw text (a file or folder) prepared once into cache_dir/<its name>
-    (an interrupted preparation goes on)."""
+    (an interrupted preparation goes on), scrubbed as ``pii`` (config.pii_settings) asks, pseudonyms
+    made with ``pii_key`` (see ``prepare``). A dataset that was not scrubbed so is refused when
+    scrubbing is asked for."""
     target = prepared_location(path, cache_dir)
     if not (target / MANIFEST).exists():
-        prepare([Path(path)], target, tokenizer=tokenizer, progress=progress)
+        prepare([Path(path)], target, tokenizer=tokenizer, progress=progress, scrub_pii=pii is not None,
+                **({"pii_replacement": pii["replacement"], "pii_types": ",".join(pii["types"])} if pii else {}),
+                pii_key=pii_key)
+    done = json.loads((target / MANIFEST).read_text()).get("pii")
+    if pii and (not done or {k: done[k] for k in pii} != pii):
+        raise DataError(f"{target} was prepared {'with other scrubbing' if done else 'without --scrub-pii'} than "
+                        f"asked for ({pii}); prepare it again (remove it if it is a cached copy of raw text)")
     return target

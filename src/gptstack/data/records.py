@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import csv
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch
 
 from ..chat import chat_segments
 from ..tokenizer import Tokenizer
+from .pii import Scrubber, scrub_strings
 from .prepare import DataError, json_lines
 
 IGNORE_INDEX = -100       # targets the loss skips (prompt tokens, padding)
@@ -44,6 +46,13 @@ def read_records(path: str | Path) -> list[dict]:
     if suffix in (".jsonl", ".json"):
         return [record for _, record in json_lines(path)]
     raise DataError(f"{path}: unknown file type {suffix!r}; use .tsv, .csv or .jsonl")
+
+
+def scrubbed(records: list[dict], scrubber: Scrubber, keep: tuple[str, ...]) -> tuple[list[dict], Counter]:
+    """The records with personal and secret data replaced in every string except the fields in
+    ``keep`` (labels, tags), and how many of each type were replaced."""
+    counts: Counter = Counter()
+    return [scrub_strings(record, scrubber, counts, frozenset(keep)) for record in records], counts
 
 
 def split_records(records: list, val_fraction: float, seed: int) -> tuple[list, list]:

@@ -39,6 +39,11 @@ def format_table(results: dict) -> str:
         lines.append("  " + " " * name + "".join(f"{label:>{column}}" for label in labels))
         for label, row in zip(labels, results["confusion_matrix"]):
             lines.append(f"  {label:<{name}}" + "".join(f"{n:>{column}}" for n in row))
+    if "attack" in results:
+        attack = results["attack"]
+        lines.append(f"  under attack ({attack['kind']}, changing at most {attack['budget']:g} of the words)")
+        rows = [(k, v) for k, v in attack.items() if k not in ("kind", "budget")]
+        lines += [f"  {k:<{max(len(k) for k, _ in rows)}}  {v:.4f}" for k, v in rows]
     if "rouge" in results:
         lines.append(f"  {'':<8} {'precision':>9} {'recall':>9} {'f1':>9}")
         for name, m in results["rouge"].items():

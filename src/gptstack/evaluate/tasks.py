@@ -30,10 +30,11 @@ from ..data.conll import read_tagged
 from ..data.loader import TokenDataset
 from ..data.prepare import MANIFEST, DataError
 from ..data.records import IGNORE_INDEX, labelled_texts, read_records, sft_segments
-from ..heads import classification_ids, joined, sentence_windows
+from ..heads import classification_ids, tagging_windows
 from ..inference.engine import Engine, EngineConfig
 from ..inference.sampling import SamplingParams
 from ..runtime import autocast, resolve_device, resolve_dtype
+from .attack import ATTACKS, Attack, attack_summary, write_attacked
 from .metrics import classification_metrics, entity_metrics, language_model_metrics, rouge
 
 TASKS = ("auto", "lm", "classification", "token_classification", "generation")
@@ -50,6 +51,11 @@ class EvalConfig:
     text_field: str = ""            # classification: "" = first of text / sentence / input / document
     label_field: str = "label"
     max_new_tokens: int = 64        # generation
+    attack: str = "none"            # classification: also attack each text: deepwordbug | synonym | both (evaluate/attack.py)
+    attack_budget: float = 0.1      # attack: share of a text's words it may change (rounded up, at least one)
+    attack_candidates: int = 20     # attack: character edits tried per word
+    attack_seed: int = 0
+    attack_output: str = ""         # attack: write every text and its adversarial version to this .jsonl
     device: str = "auto"
     dtype: str = "auto"
     progress: bool = True
@@ -60,8 +66,12 @@ class EvalConfig:
         require(self.task in TASKS, f"task must be one of {TASKS}, got {self.task!r}")
         for name in ("stride", "max_tokens"):
             require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("batch_size", "max_new_tokens"):
+        for name in ("batch_size", "max_new_tokens", "attack_candidates"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        require(self.attack in ATTACKS, f"attack must be one of {ATTACKS}, got {self.attack!r}")
+        require(0 < self.attack_budget <= 1, f"attack_budget is a share of the words, in (0, 1], got {self.attack_budget}")
+        require(self.task in ("auto", "classification") or self.attack == "none",
+                f"attack is for task classification, got task {self.task!r}")
         return self
 
 
@@ -87,6 +97,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     cfg.validate()
     config = verify(cfg.checkpoint)
     task = pick_task(cfg, config.get("head"))
+    if cfg.attack != "none" and task != "classification":
+        raise ConfigError(f"attack needs a checkpoint with a classification head and a labelled .tsv/.csv/.jsonl; "
+                          f"{cfg.checkpoint} on {cfg.data} is a {task} evaluation")
     device = resolve_device(cfg.device)
     result = {"task": task, "checkpoint": str(cfg.checkpoint), "data": str(cfg.data)}
     if task == "generation":
@@ -183,7 +196,17 @@ def _classification(cfg: EvalConfig, device, dtype) -> dict:
         probs = classifier.predict(ids, cfg.batch_size)
     predictions = probs.argmax(-1).tolist()
     index = {label: i for i, label in enumerate(classifier.labels)}
-    return classification_metrics([index[label] for label in data.labels], predictions, classifier.labels)
+    labels = [index[label] for label in data.labels]
+    metrics = classification_metrics(labels, predictions, classifier.labels)
+    if cfg.attack == "none":
+        return metrics
+    attack = Attack(classifier, tokenizer, cfg.attack, cfg.attack_budget, cfg.attack_candidates, cfg.attack_seed,
+                    cfg.batch_size)
+    with autocast(device, dtype):
+        attacked = attack.run(data.texts, labels, cfg.progress)
+    if cfg.attack_output:
+        write_attacked(attacked, classifier.labels, cfg.attack_output)
+    return {**metrics, "attack": {"kind": cfg.attack, "budget": cfg.attack_budget, **attack_summary(attacked)}}
 
 
 # --- token classification ------------------------------------------------------------------------
@@ -194,11 +217,11 @@ def _token_classification(cfg: EvalConfig, device, dtype) -> dict:
     unknown = sorted({t for r in records for t in r["tags"]} - set(tagger.labels))
     if unknown:
         raise DataError(f"{cfg.data} has tags {unknown} that the tagger does not know ({tagger.labels})")
-    windows, counts = sentence_windows(tokenizer, [r["tokens"] for r in records], tagger.context,
-                                       tagger.gpt.config.block_size)
+    block = tagger.gpt.config.block_size
+    sentences = [tagging_windows(tokenizer, r["tokens"], tagger.context, block) for r in records]
     with autocast(device, dtype):
-        probs = joined(tagger.predict(windows, cfg.batch_size), counts)
-    predicted = [[tagger.labels[i] for i in p.argmax(-1).tolist()] for p in probs]
+        tagged = tagger.tag(sentences, cfg.batch_size)
+    predicted = [[tagger.labels[i] for i in path] for path, _ in tagged]
     return {**entity_metrics([r["tags"] for r in records], predicted), "predictions": predicted}
 
 

@@ -63,6 +63,11 @@ class EngineStopped(RuntimeError):
     """The engine is shutting down (or its loop failed) and takes no new requests."""
 
 
+class RequestFailed(RuntimeError):
+    """One request failed in the engine (its sampling, grammar, text or stops met a fault); the
+    engine ended it alone and serves the others."""
+
+
 @dataclass
 class EngineConfig:
     max_batch_size: int = 8            # requests running at once (decoded together)
@@ -139,7 +144,7 @@ class RequestHandle:
         self._ready = asyncio.Event() if loop is not None else None
         self.cancelled = False
         self.finished = False
-        self.error: Exception | None = None     # set when the engine loop failed under this request
+        self.error: Exception | None = None     # set when the request or the engine loop failed
         self.submitted_at = time.perf_counter()
 
     def cancel(self) -> None:
@@ -154,7 +159,7 @@ class RequestHandle:
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._ready.set)
 
-    def _fail(self, error: Exception) -> None:   # engine thread: the loop died, the request cannot finish
+    def _fail(self, error: Exception) -> None:   # engine thread: the request cannot finish
         self.error = error
         self.finished = True
         self._push(None)
@@ -339,7 +344,8 @@ class Engine:
             loop = None
         handle = RequestHandle(next(self._ids), loop)
         generator = torch.Generator(device=self.device)
-        generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
+        generator.manual_seed(seed % 2**64)   # any integer: torch takes 64 bits, a negative one as its two's complement
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else {self.tokenizer.eot_id})
         prompt = list(prompt_ids)
         request = _Request(handle, prompt, params, generator, stop_ids, IncrementalDecoder(self.tokenizer),
@@ -624,8 +630,66 @@ class Engine:
             request.names.append(self.blocks.name(request.blocks[i], parent, request.context[i * size:(i + 1) * size]))
 
     def _emit(self, batch: list[_Request], logits: torch.Tensor) -> None:
-        """Sample one token for each request of the batch and hand it to its consumer."""
-        logits = logits.float()
+        """Sample one token for each request of the batch and hand it to its consumer. A fault that
+        one request's own code meets (its sampling settings, grammar, detokenizer or stops) fails that
+        request alone: if sampling the batch fails, each request is sampled on its own to find which.
+        A fault that every request of a batch meets alone (out of memory, a bug in sampling) is no
+        request's own: it stops the loop, as a fault in the bookkeeping (freeing rows and blocks) does,
+        so that the server answers 503 and fails its health check instead of looking healthy.
+
+        Retrying must not change the other requests' seeded tokens: each request's generator is drawn
+        from only as the very last step of sampling (sampling.draw), after every check that can fail for
+        one request (penalties, logit_bias, the grammar's mask), so a fault that one request meets there
+        leaves the others' generators where they were for their retry. Keep it so: a check added after
+        the draw would make a retry draw again, and change the others' seeded tokens."""
+        try:
+            tokens, raw_logprobs = self._sample(batch, logits)
+            outcomes = [(token, None if raw_logprobs is None else raw_logprobs[i])
+                        for i, token in enumerate(tokens.tolist())]
+        except Exception as exc:
+            outcomes = [exc] if len(batch) == 1 else [self._sample_alone(batch, logits, i) for i in range(len(batch))]
+            if len(batch) > 1 and all(isinstance(outcome, Exception) for outcome in outcomes):
+                raise
+        for request, outcome in zip(batch, outcomes):
+            if isinstance(outcome, Exception):
+                self._fail_request(request, outcome)
+                continue
+            self.stats["generated_tokens"] += 1
+            token, row_logprobs = outcome
+            try:
+                logprob = top = None
+                if row_logprobs is not None and request.params.logprobs is not None:
+                    logprob = float(row_logprobs[token])
+                    if request.params.logprobs:
+                        values, ids = row_logprobs.topk(request.params.logprobs)
+                        top = list(zip(ids.tolist(), values.tolist()))
+                text, reason, shown = self._advance(request, token)
+            except Exception as exc:
+                self._fail_request(request, exc)
+                continue
+            if reason is None:
+                request.handle._push(TokenEvent(text, token, logprob, top))
+            elif shown:
+                self._finish(request, reason, text, token, logprob, top)
+            else:
+                self._finish(request, reason, text)
+
+    def _sample_alone(self, batch: list[_Request], logits: torch.Tensor, i: int):
+        """Request i's token and log-probabilities sampled on its own, or the fault it meets."""
+        try:
+            tokens, raw_logprobs = self._sample(batch[i:i + 1], logits[i:i + 1])
+        except Exception as exc:
+            return exc
+        return tokens.item(), None if raw_logprobs is None else raw_logprobs[0]
+
+    def _sample(self, batch: list[_Request], logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A token for each request of the batch, and the model's log-probabilities when a request wants them."""
+        # lm_head's fresh output (or its float copy), which nothing else reads: the padding is set in
+        # place, not copied into a new [B, V] tensor each step (a retry's logits[i:i + 1] is a view of
+        # the batch's, whose padding is then set twice, to the same)
+        logits, vocab = logits.float(), self.tokenizer.vocab_size
+        if logits.shape[-1] > vocab:   # the model's padding rows: tokens without text, never drawn
+            logits[:, vocab:] = float("-inf")
         params = [r.params for r in batch]
         raw_logprobs = logits.log_softmax(dim=-1) if any(p.logprobs is not None for p in params) else None
         # Penalty state is kept (and paid for in the decode loop) only for requests that use it.
@@ -647,40 +711,33 @@ class Engine:
             logits = mask_logits(logits, [i for i, _ in constrained], [c for _, c in constrained])
         tokens = sample(logits,
                         torch.tensor([p.temperature for p in params], device=self.device),
-                        torch.tensor([p.top_k for p in params], device=self.device),
+                        torch.tensor([min(p.top_k, vocab) for p in params], device=self.device),   # more is all
                         torch.tensor([p.top_p for p in params], device=self.device),
                         [r.generator for r in batch],
                         torch.tensor([p.min_p for p in params], device=self.device))
         if len(penalised):
             self._counts[rows[penalised], tokens[penalised]] += 1
             self._seen[rows[penalised], tokens[penalised]] = True
-        self.stats["generated_tokens"] += len(batch)
-        for i, (request, token) in enumerate(zip(batch, tokens.tolist())):
-            logprob = top = None
-            if raw_logprobs is not None and request.params.logprobs is not None:
-                logprob = float(raw_logprobs[i, token])
-                if request.params.logprobs:
-                    values, ids = raw_logprobs[i].topk(request.params.logprobs)
-                    top = list(zip(ids.tolist(), values.tolist()))
-            self._advance(request, token, logprob, top)
+        return tokens, raw_logprobs
 
-    def _advance(self, request: _Request, token: int, logprob, top) -> None:
+    def _advance(self, request: _Request, token: int) -> tuple[str, str | None, bool]:
+        """Take the token into the request's state (grammar, text, stops): the text it adds, why the
+        request ends (None: it goes on) and whether the token is shown (a stop token is not). Only
+        the request's own code runs here, so that a fault in it is the request's alone (see _emit)."""
         request.output.append(token)
         request.context.append(token)
         if request.constraint is not None:
             request.constraint.consume(token)
         if token in request.stop_ids or (request.constraint is not None and token == self.tokenizer.eot_id):
-            self._finish(request, "stop", self._drain(request))
-            return
+            return self._drain(request), "stop", False
         text, stopped = request.stops.push(request.decoder.push(token))
         if stopped:
-            self._finish(request, "stop", text, token, logprob, top)
-        elif request.constraint is not None and request.constraint.done:   # the document is complete
-            self._finish(request, "stop", text + self._drain(request), token, logprob, top)
-        elif len(request.output) >= request.params.max_new_tokens:
-            self._finish(request, "length", text + self._drain(request), token, logprob, top)
-        else:
-            request.handle._push(TokenEvent(text, token, logprob, top))
+            return text, "stop", True
+        if request.constraint is not None and request.constraint.done:   # the document is complete
+            return text + self._drain(request), "stop", True
+        if len(request.output) >= request.params.max_new_tokens:
+            return text + self._drain(request), "length", True
+        return text, None, True
 
     @staticmethod
     def _drain(request: _Request) -> str:
@@ -688,16 +745,32 @@ class Engine:
         piece, stopped = request.stops.push(request.decoder.flush())
         return piece if stopped else piece + request.stops.flush()
 
-    def _finish(self, request: _Request, reason: str, text: str = "", token=None, logprob=None, top=None) -> None:
-        """Send the last event and free the request's row and blocks."""
+    def _release(self, request: _Request) -> None:
+        """Free the request's row and blocks, or take it out of the queue; a second call does nothing.
+        The row goes back to the free list even if freeing the blocks raises (the loop then stops): a
+        row lost there would never serve again."""
         if request in self._active:
             self._active.remove(request)
-            self.blocks.release(request.blocks)
-            request.blocks = []
-            self._free.append(request.row)
-            self._free.sort()
+            try:
+                self.blocks.release(request.blocks)
+            finally:
+                request.blocks = []
+                self._free.append(request.row)
+                self._free.sort()
         elif request in self._waiting:
             self._waiting.remove(request)
+
+    def _fail_request(self, request: _Request, exc: Exception) -> None:
+        """End one request with the fault it met; the engine goes on with the others."""
+        log.error("the request failed in the engine (request %d); the others go on", request.handle.id, exc_info=exc)
+        self._release(request)
+        self.stats["failed"] += 1
+        request.handle._fail(RequestFailed(f"the request failed in the engine (request {request.handle.id}); "
+                                           "the server log has the details"))
+
+    def _finish(self, request: _Request, reason: str, text: str = "", token=None, logprob=None, top=None) -> None:
+        """Send the last event and free the request's row and blocks."""
+        self._release(request)
         if reason == "cancelled":
             self.stats["cancelled"] += 1
         stopped_by_token = bool(request.output) and request.output[-1] in request.stop_ids

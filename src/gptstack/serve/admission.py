@@ -51,6 +51,13 @@ async def charge(state: ServerState, request: Request, tokens: int, remedy: str,
                        code="rate_limit_exceeded", headers={"Retry-After": str(int(wait))})
 
 
+def check_redaction(state: ServerState, logprobs: bool) -> None:
+    """Logprobs name the tokens themselves, which redaction cannot reach: refused with it."""
+    if state.config.redact_output and logprobs:
+        raise APIError(400, "this server redacts personal data in its output (--redact-output), which logprobs "
+                       "would show token by token; ask without logprobs", param="logprobs")
+
+
 def check_request(state: ServerState, prompt_ids: list[int], params: SamplingParams) -> None:
     """The backend's checks (empty, too long, ids outside the vocabulary ...) as a 400."""
     try:
@@ -76,6 +83,7 @@ async def admit(state: ServerState, request: Request, prompts: list[list[int]],
         if isinstance(exc, (QueueFull, EngineStopped)):
             raise overloaded(exc) from None
         raise
-    if state.config.log_prompts:
-        log.info("prompts key=%s: %s", request.state.key_id, [state.tokenizer.decode(ids) for ids in prompts])
+    if state.config.log_prompts:      # scrubbed: a log is kept longer and read by more people than a reply
+        log.info("prompts key=%s: %s", request.state.key_id,
+                 [state.scrubber.scrub(state.tokenizer.decode(ids))[0] for ids in prompts])
     return handles

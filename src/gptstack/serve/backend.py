@@ -13,7 +13,7 @@ from typing import AsyncIterator, Protocol
 import torch
 
 from ..config import ModelConfig
-from ..heads import (ScoredToken, SequenceClassifier, TaggingWindow, TokenClassifier, mean_pooled_embeddings,
+from ..heads import (ScoredToken, SequenceClassifier, Tagged, TaggingWindow, TokenClassifier, mean_pooled_embeddings,
                      prompt_logprobs)
 from ..inference.engine import Engine, EngineStopped, TokenEvent
 from ..inference.sampling import SamplingParams
@@ -40,14 +40,15 @@ class Backend(Protocol):
     model_config: ModelConfig
     max_seq_len: int
     labels: list[str] | None            # the classification head's labels, None without a head
-    tagger: dict | None                 # the token-classification head's config.json["head"]: labels, context
+    tagger: dict | None                 # the token-classification head's config.json["head"]: labels, context, ...
 
     def check(self, prompt_ids: list[int], params: SamplingParams) -> None: ...
     async def submit(self, prompt_ids: list[int], params: SamplingParams) -> Handle: ...
     async def embed(self, token_lists: list[list[int]]) -> torch.Tensor: ...
     async def classify(self, token_lists: list[list[int]]) -> torch.Tensor: ...
-    async def tag(self, windows: list[TaggingWindow]) -> list[torch.Tensor]:
-        """Label probabilities [words, labels] of each window (heads.tagging_windows)."""
+    async def tag(self, sentences: list[list[TaggingWindow]]) -> list[Tagged]:
+        """Each sentence's tags and how sure the tagger is of each (TokenClassifier.tag; a sentence
+        is given as its windows, heads.tagging_windows, and decoded whole)."""
     async def score(self, token_lists: list[list[int]], top: int) -> list[list[ScoredToken]]: ...
     def loads(self) -> dict[str | None, dict[str, float]]:
         """Each engine's numbers for metrics.EngineLoads, by replica (None: the only engine; replicas
@@ -86,11 +87,11 @@ class LocalBackend:
         classifier = self.classifier
         return await asyncio.wrap_future(self.engine.call(lambda: classifier.predict(token_lists)))
 
-    async def tag(self, windows: list[TaggingWindow]) -> list[torch.Tensor]:
+    async def tag(self, sentences: list[list[TaggingWindow]]) -> list[Tagged]:
         if not isinstance(self.classifier, TokenClassifier):
             raise ValueError("this model has no token-classification head")
         tagger = self.classifier
-        return await asyncio.wrap_future(self.engine.call(lambda: tagger.predict(windows)))
+        return await asyncio.wrap_future(self.engine.call(lambda: tagger.tag(sentences)))
 
     async def score(self, token_lists: list[list[int]], top: int) -> list[list[ScoredToken]]:
         model = self.engine.model

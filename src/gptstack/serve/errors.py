@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..inference.engine import EngineStopped, QueueFull
+from ..inference.engine import EngineStopped, QueueFull, RequestFailed
 from .schemas import error_body
 from .state import server_state
 
@@ -37,6 +37,15 @@ def overloaded(reason: Exception) -> APIError:
                         code="overloaded", headers={"Retry-After": "1"})
     return APIError(503, f"{reason}; retry the request", "server_error", code="engine_stopped",
                     headers={"Retry-After": "1"})
+
+
+def engine_error(reason: Exception) -> APIError:
+    """A request the engine refused (503, see ``overloaded``) or failed alone: a fault in the
+    server, so a 500 whose message names the request (the log line with the traceback names it
+    too) and keeps the fault's own words, internal detail, out of the answer."""
+    if isinstance(reason, RequestFailed):
+        return APIError(500, str(reason), "server_error", code="request_failed")
+    return overloaded(reason)
 
 
 def error_response(status: int, message: str, type_: str = "invalid_request_error", param=None, code=None,
@@ -85,9 +94,10 @@ async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONRe
                          headers=exc.headers)     # a 405's Allow, for one
 
 
-async def on_engine_unavailable(request: Request, exc: Exception) -> JSONResponse:
-    """The engine refused (queue full, stopping) or was lost mid-request (a replica died)."""
-    return await on_api_error(request, overloaded(exc))
+async def on_engine_error(request: Request, exc: Exception) -> JSONResponse:
+    """The engine refused (queue full, stopping), was lost mid-request (a replica died) or failed
+    this one request."""
+    return await on_api_error(request, engine_error(exc))
 
 
 async def on_unexpected_error(request: Request, exc: Exception) -> JSONResponse:
@@ -99,6 +109,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
-    app.add_exception_handler(QueueFull, on_engine_unavailable)
-    app.add_exception_handler(EngineStopped, on_engine_unavailable)
+    for engine_exception in (QueueFull, EngineStopped, RequestFailed):
+        app.add_exception_handler(engine_exception, on_engine_error)
     app.add_exception_handler(Exception, on_unexpected_error)

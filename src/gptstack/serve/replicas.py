@@ -11,7 +11,8 @@ replicas (each an Engine in its own process, on its own cores) and streams the e
   more, and beyond that the request is refused at once (503, Retry-After).
 - Faults: when an engine replica dies, Ray starts another; a request it held that had sent no
   token yet is retried on another replica, one that had is ended with a clear error (503 or an SSE
-  error event), never an HTTP 500.
+  error event): a replica dying is never an HTTP 500. A fault inside one request (its sampling,
+  grammar, text or stops) is a 500 for that request alone, as on one process.
 
 Ray is an optional extra (``pip install gptstack[ray]``): nothing here is imported by the rest of
 the package. ``application(args)`` is the Ray Serve application builder that `serve --replicas`
@@ -43,7 +44,7 @@ from ..inference.sampling import SamplingParams
 from ..runtime import tune_allocator
 from .app import create_app
 from .backend import LocalBackend, ReplicaLost
-from .run import ReplicaOptions, ServeOptions, announce, build_engine, serve_config
+from .run import ReplicaOptions, ServeOptions, announce, build_engine, freeze_loaded_objects, serve_config
 from .security import RateLimiter
 
 log = logging.getLogger("gptstack.serve")
@@ -140,6 +141,7 @@ class EngineReplica:
         self.shared = shared_state(options)
         self._reporting = threading.Event()
         threading.Thread(target=self._report_load, name="load-report", daemon=True).start()
+        freeze_loaded_objects()
         log.info("engine replica %s (pid %d) on cores %s, %d threads", self.name, os.getpid(), cores, threads)
 
     def _report_load(self) -> None:
@@ -167,8 +169,8 @@ class EngineReplica:
     async def classify(self, token_lists: list[list[int]]) -> torch.Tensor:
         return await self.backend.classify(token_lists)
 
-    async def tag(self, windows: list) -> list[torch.Tensor]:
-        return await self.backend.tag(windows)
+    async def tag(self, sentences: list) -> list:
+        return await self.backend.tag(sentences)
 
     async def score(self, token_lists: list[list[int]], top: int) -> list:
         return await self.backend.score(token_lists, top)
@@ -295,8 +297,8 @@ class ReplicaBackend:
     async def classify(self, token_lists: list[list[int]]) -> torch.Tensor:
         return await self._call("classify", token_lists)
 
-    async def tag(self, windows: list) -> list[torch.Tensor]:
-        return await self._call("tag", windows)
+    async def tag(self, sentences: list) -> list:
+        return await self._call("tag", sentences)
 
     async def score(self, token_lists: list[list[int]], top: int) -> list:
         return await self._call("score", token_lists, top)
@@ -342,7 +344,9 @@ class Ingress:
         limiter = SharedRateLimiter(shared, self.options.requests_per_minute, self.options.tokens_per_minute)
         backend = ReplicaBackend(self.engines, shared, self.options.checkpoint, self.options.max_seq_len)
         config = dataclasses.replace(serve_config(self.options, stored_template(self.options.checkpoint)), limiter=limiter)
-        return create_app(backend, config)
+        app = create_app(backend, config)
+        freeze_loaded_objects()
+        return app
 
 
 def stored_template(checkpoint: str) -> str | None:

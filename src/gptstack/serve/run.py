@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import secrets
 import signal
@@ -48,7 +49,8 @@ class ServeOptions:
     tokens_per_minute: int = 0
     max_body_bytes: int = 1 << 20
     metrics_public: bool = False
-    log_prompts: bool = False
+    log_prompts: bool = False            # write prompts to the log, scrubbed of personal and secret data
+    redact_output: bool = False          # replace personal and secret data in completions (data/pii.py)
     chat_template: str | None = None     # a file holding a Jinja template
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
@@ -118,7 +120,7 @@ def serve_config(options: ServeOptions, stored_template: str | None = None) -> S
     return ServeConfig(model_name=name, keys=keys, auth=not options.insecure_no_auth,
                        requests_per_minute=options.requests_per_minute, tokens_per_minute=options.tokens_per_minute,
                        max_body_bytes=options.max_body_bytes, metrics_public=options.metrics_public,
-                       log_prompts=options.log_prompts, chat_template=template,
+                       log_prompts=options.log_prompts, redact_output=options.redact_output, chat_template=template,
                        chat_stops=[] if options.chat_template or stored_template else ServeConfig().chat_stops)
 
 
@@ -143,6 +145,15 @@ def build_app(options: ServeOptions, engine: Engine, stored_template: str | None
     return create_app(engine, config, start_engine=False, classifier=classifier)
 
 
+def freeze_loaded_objects() -> None:
+    """Called once a server process (or a Ray replica) has loaded what it serves with: that (model,
+    tokenizer, app: ~300k objects) lives as long as the process. Left to the collector, each full
+    collection scans it all, ~0.5 s in which no request is answered (a 300 ms /health under a
+    burst, measured: docs/benchmarks.md, "Fuzzing and overload"); frozen, never."""
+    gc.collect()
+    gc.freeze()
+
+
 def serve(options: ServeOptions) -> None:
     """Serve until SIGINT/SIGTERM; then stop accepting, let in-flight requests finish for up to
     ``graceful_shutdown_seconds``, stop the engine and return (exit code 0).
@@ -164,6 +175,7 @@ def serve(options: ServeOptions) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine, checkpoint_config, classifier = build_engine(options)
     app = build_app(options, engine, checkpoint_config.get("meta", {}).get("chat_template"), classifier)
+    freeze_loaded_objects()
     server = uvicorn.Server(uvicorn.Config(app, host=options.host, port=options.port, ssl_certfile=options.ssl_certfile,
                                            ssl_keyfile=options.ssl_keyfile, access_log=False, log_level="info",
                                            timeout_graceful_shutdown=options.graceful_shutdown_seconds))

@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 from jinja2 import Template
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from ..data.pii import Scrubber, StreamRedactor
 from ..chat import DEFAULT_CHAT_STOPS, DEFAULT_CHAT_TEMPLATE, template_messages, tools_text
 from ..tokenizer import Tokenizer
 from .backend import Backend
@@ -27,7 +28,8 @@ class ServeConfig:
     max_body_bytes: int = 1 << 20
     max_n: int = 8
     metrics_public: bool = False
-    log_prompts: bool = False
+    log_prompts: bool = False            # prompts are logged scrubbed of personal and secret data
+    redact_output: bool = False          # completions scrubbed of them before they are sent
     chat_template: str = DEFAULT_CHAT_TEMPLATE
     chat_stops: list[str] = field(default_factory=lambda: list(DEFAULT_CHAT_STOPS))
     limiter: RateLimiter | None = None   # shared by several apps (Ray replicas); None: the app's own
@@ -49,8 +51,10 @@ class ServerState:
     metrics: ServerMetrics = field(init=False)
     limiter: RateLimiter = field(init=False)
     chat_template: Template = field(init=False)
+    scrubber: Scrubber = field(init=False)
 
     def __post_init__(self):
+        self.scrubber = Scrubber()
         self.metrics = ServerMetrics(self.backend)
         self.limiter = self.config.limiter or RateLimiter(self.config.requests_per_minute, self.config.tokens_per_minute)
         self.chat_template = ImmutableSandboxedEnvironment().from_string(self.config.chat_template)
@@ -65,6 +69,14 @@ class ServerState:
         dicts = [m.as_dict() for m in messages]
         return self.chat_template.render(messages=template_messages(dicts), tools=tools or None,
                                          tools_text=tools_text(tools))
+
+    def redacted(self, text: str) -> str:
+        """``text`` as the client may see it: scrubbed when the server redacts its output."""
+        return self.scrubber.scrub(text)[0] if self.config.redact_output else text
+
+    def stream_redactors(self, n: int) -> list[StreamRedactor] | None:
+        """One redactor per streamed choice when the server redacts its output, else None."""
+        return [StreamRedactor(self.scrubber) for _ in range(n)] if self.config.redact_output else None
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])

@@ -14,9 +14,9 @@ from typing import AsyncIterator, Callable
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from ..inference.engine import EngineStopped, TokenEvent
+from ..inference.engine import EngineStopped, RequestFailed, TokenEvent
 from .backend import Handle
-from .errors import APIError, overloaded
+from .errors import APIError, engine_error
 from .metrics import ServerMetrics
 from .schemas import error_body, usage
 
@@ -121,9 +121,9 @@ async def sse_chunks(handles: list[Handle], head: dict, choice: ChunkChoice,
                 if chunk is not None:
                     yield sse({**head, "choices": [chunk]})
                     started.add(index)
-    except EngineStopped as exc:     # the same words as the 503 a request not yet streaming gets
-        metrics.count_error(503)
-        refusal = overloaded(exc)
+    except (EngineStopped, RequestFailed) as exc:     # the same words as a request not yet streaming gets
+        refusal = engine_error(exc)
+        metrics.count_error(refusal.status)
         yield sse(error_body(refusal.message, refusal.type, None, refusal.code))
         return
     except Exception:    # headers are sent: the client hears of it as an error event, not a cut stream

@@ -30,9 +30,10 @@ from typing import Any, Callable, Protocol
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import (is_sharded, load_model, load_train_state, recover_interrupted_save, save_checkpoint,
-                          unwrap)
+from ..checkpoint import (is_encrypted, is_sharded, load_model, load_train_state, recover_interrupted_save,
+                          save_checkpoint, unwrap)
 from ..config import ConfigError, ModelConfig, TrainConfig, to_dict
+from ..crypto import HOW_TO_GIVE_A_KEY, key_from_environment
 from ..files import write_text_atomic
 from ..runtime import autocast, choose_dtype, dtype_name, resolve_dtype, tune_allocator
 from ..tokenizer import Tokenizer
@@ -128,6 +129,7 @@ class Trainer:
             recover_interrupted_save(resume_dir)
         distributed.barrier(info)
         found = cfg.resume and (resume_dir / "checksums.json").exists()
+        self._check_encryption(resume_dir if found else None)
         sharded_resume = found and is_sharded(resume_dir)
         state = load_train_state(resume_dir) if found and not sharded_resume else None   # written before sharded last/
         self.model, self.tokenizer = self._build(resume_dir if state is not None else None)
@@ -157,6 +159,18 @@ class Trainer:
         self.peak_flops = (cfg.peak_flops or measure_peak_flops(self.device, self.dtype)) if task.flops_per_unit else 0.0
         if info.is_main:
             self._write_start(state is None, dtype_reason)
+
+    def _check_encryption(self, resume_dir: Path | None) -> None:
+        """An encrypting run needs its key now, not at its first checkpoint; a run from encrypted
+        weights may not write what it derives from them in the clear."""
+        if self.cfg.encrypt:
+            if key_from_environment() is None:
+                raise ConfigError(f"encrypt: true needs a key: {HOW_TO_GIVE_A_KEY}")
+            return
+        for source in (resume_dir, self.cfg.init_from):
+            if source and is_encrypted(source):
+                raise ConfigError(f"{source} is encrypted, and this run would write the checkpoints it derives from it "
+                                  "in the clear: set encrypt: true (or --encrypt true) and give the key")
 
     def _pick_dtype(self) -> tuple[torch.dtype, str]:
         """The training dtype; ``auto`` is measured on rank 0 alone and shared, so all ranks agree."""
@@ -394,11 +408,13 @@ class Trainer:
             state = {"step": self.step, "total_steps": self.total_steps, "elapsed": self.elapsed,
                      "best_score": self.best_score, "best_results": self.best_results, "rng": rng,
                      "layout": self.layout.as_dict(), "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
-            save_sharded(self.out / name, self.model, self.tokenizer, self.model_config, meta, self.optimizer, state)
+            save_sharded(self.out / name, self.model, self.tokenizer, self.model_config, meta, self.optimizer, state,
+                         encrypt=self.cfg.encrypt)
         elif self.layout.sharded:
-            save_sharded(self.out / name, self.model, self.tokenizer, self.model_config, meta)
+            save_sharded(self.out / name, self.model, self.tokenizer, self.model_config, meta, encrypt=self.cfg.encrypt)
         elif self.info.is_main:
-            save_checkpoint(self.out / name, self.task.for_serving(self.model), self.tokenizer, meta=meta)
+            save_checkpoint(self.out / name, self.task.for_serving(self.model), self.tokenizer, meta=meta,
+                            encrypt=self.cfg.encrypt)
         distributed.barrier(self.info)
 
     @contextmanager

@@ -16,6 +16,7 @@ import torch
 from ..checkpoint import load_model, with_config
 from ..config import TrainConfig, model_info
 from ..data.loader import BatchSampler, TokenDataset, eval_batches, read_manifest
+from ..data.pii import run_key
 from ..data.prepare import ensure_prepared, prepared_location
 from ..model import GPT
 from ..runtime import autocast
@@ -30,11 +31,13 @@ def train(cfg: TrainConfig, on_eval: OnEval | None = None) -> TrainResult:
     return run(cfg, lambda info: LanguageModelTask(cfg, info), on_eval)
 
 
-def prepared_dataset(path: str, out_dir: Path, tokenizer: str, info: distributed.DistInfo, progress: bool) -> Path:
+def prepared_dataset(path: str, out_dir: Path, tokenizer: str, info: distributed.DistInfo, progress: bool,
+                     pii: dict | None = None) -> Path:
     """``path`` as a prepared dataset; raw text is prepared once, by rank 0, into out_dir/data (other
-    ranks, which may be on other machines, read it there: out_dir must be shared)."""
+    ranks, which may be on other machines, read it there: out_dir must be shared), scrubbed if ``pii``
+    with the run's pseudonym key, so that training and validation data share pseudonyms."""
     if info.is_main:
-        ensure_prepared(path, Path(out_dir) / "data", tokenizer, progress)
+        ensure_prepared(path, Path(out_dir) / "data", tokenizer, progress, pii, run_key(out_dir) if pii else None)
     distributed.barrier(info)
     return prepared_location(path, Path(out_dir) / "data")
 
@@ -55,9 +58,10 @@ class LanguageModelTask:
     def __init__(self, cfg: TrainConfig, info: distributed.DistInfo):
         self.cfg = cfg
         show = cfg.progress and info.is_main
-        data_dir = prepared_dataset(cfg.data, cfg.out_dir, cfg.tokenizer, info, show)
+        data_dir = prepared_dataset(cfg.data, cfg.out_dir, cfg.tokenizer, info, show, cfg.pii_settings())
         self.train_set = TokenDataset(data_dir, "train", verify=True)   # a flipped byte is an error, not garbage
-        eval_dir = prepared_dataset(cfg.eval_data, cfg.out_dir, cfg.tokenizer, info, show) if cfg.eval_data else data_dir
+        eval_dir = (prepared_dataset(cfg.eval_data, cfg.out_dir, cfg.tokenizer, info, show, cfg.pii_settings())
+                    if cfg.eval_data else data_dir)
         self.val_set = validation_set(eval_dir, explicit=bool(cfg.eval_data))
         self.tokenizer = load_tokenizer(self.train_set.manifest["tokenizer"], base_dir=data_dir)
         self.model_cfg = cfg.model_config(vocab_size=self.train_set.vocab_size)

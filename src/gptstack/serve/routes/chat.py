@@ -17,7 +17,7 @@ from fastapi import Request
 from ...chat import TOOL_CALL_TAG, as_json, parse_tool_calls
 from ...inference.engine import TokenEvent
 from ...inference.structured import GrammarError, check_grammar, response_format_grammar, tool_call_grammar
-from ..admission import admit, check_model, check_sampling
+from ..admission import admit, check_model, check_redaction, check_sampling
 from ..errors import APIError
 from ..schemas import ChatCompletionRequest, response_head
 from ..state import ServerState, StateDep
@@ -31,6 +31,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     check_sampling(state, body)
+    check_redaction(state, body.logprobs)
     grammar = response_grammar(state, body)
     context_left = max(1, state.backend.max_seq_len - len(ids))
     params = [dataclasses.replace(body.sampling_params(sample, context_left, state.config.chat_stops), grammar=grammar)
@@ -43,12 +44,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     head = response_head("chatcmpl", "chat.completion", state.config.model_name)
     if body.stream:
         replies = [ReplyStream(body.tool_mode is not None) for _ in range(body.n)]
+        redactors = state.stream_redactors(body.n)
 
         def chunk_choice(index: int, event: TokenEvent, first: bool) -> dict | None:
             """The first chunk of each choice names the role, as OpenAI's do."""
             delta, finish_reason = replies[index].delta(event)
             if delta is None:
                 return None
+            if redactors and delta.get("content") is not None:
+                delta = {**delta, "content": redactors[index].push(delta["content"], last=finish_reason is not None)}
             return {"index": index, "delta": {"role": "assistant", **delta} if first else delta,
                     "finish_reason": finish_reason, "logprobs": logprobs([event])}
         return event_stream(handles, {**head, "object": "chat.completion.chunk"}, chunk_choice, state.metrics,
@@ -56,7 +60,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     results = await collect(request, handles, state.metrics)
     choices = []
     for i, events in enumerate(results):
-        message, finish_reason = reply("".join(e.text for e in events), events[-1].finish_reason, body.tool_mode is not None)
+        message, finish_reason = reply(state.redacted("".join(e.text for e in events)), events[-1].finish_reason,
+                                       body.tool_mode is not None)
         choices.append({"index": i, "message": message, "finish_reason": finish_reason, "logprobs": logprobs(events)})
     return {**head, "choices": choices, "usage": collected_usage(results)}
 

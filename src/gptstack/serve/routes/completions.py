@@ -9,7 +9,7 @@ from fastapi import Request
 
 from ...heads import ScoredToken
 from ...inference.engine import TokenEvent
-from ..admission import admit, charge, check_model, check_request, check_sampling
+from ..admission import admit, charge, check_model, check_redaction, check_request, check_sampling
 from ..errors import APIError
 from ..schemas import CompletionRequest, response_head, usage
 from ..state import ServerState, StateDep
@@ -29,6 +29,7 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
         raise APIError(400, "best_of cannot be used with stream: the best are known only at the end", param="best_of")
     prompts = prompt_ids(state, body.prompt)
     check_sampling(state, body)
+    check_redaction(state, body.logprobs is not None)
     if body.max_tokens == 0:
         return await scored_prompts(body, request, state, prompts)
     # with best_of, every candidate reports its tokens' logprobs, by which the best are chosen
@@ -38,12 +39,16 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
     handles = await admit(state, request, [ids for ids, _ in pairs], [params for _, params in pairs])
     echo = [state.tokenizer.decode(ids) if body.echo else "" for ids in prompts for _ in range(body.n)]
     echoed = [scores[p] if scores else [] for p in range(len(prompts)) for _ in range(body.n)]
+    redactors = state.stream_redactors(len(echo)) if body.stream else None
 
     def choice(index: int, events: list[TokenEvent], first: bool) -> dict:
         """A whole choice, or the part of one that a stream chunk carries; the echo goes first."""
         entries = (echoed[index] if first else []) + [(e.token_id, e.logprob, e.top_logprobs or []) for e in events
                                                       if e.token_id is not None and e.logprob is not None]
-        return {"index": index, "text": (echo[index] if first else "") + "".join(e.text for e in events),
+        text = (echo[index] if first else "") + "".join(e.text for e in events)
+        if redactors:      # a streamed piece: what is safe to send yet
+            text = redactors[index].push(text, last=events[-1].finish_reason is not None)
+        return {"index": index, "text": text if redactors else state.redacted(text),
                 "finish_reason": events[-1].finish_reason,
                 "logprobs": None if body.logprobs is None else completion_logprobs(state, entries)}
 
@@ -77,7 +82,7 @@ async def scored_prompts(body: CompletionRequest, request: Request, state: Serve
     tokens = sum(map(len, prompts))
     await charge(state, request, tokens * body.n, "send fewer or shorter prompts", "prompt")
     scores = await prompt_scores(body, state, prompts)
-    choices = [{"index": p * body.n + i, "text": state.tokenizer.decode(ids), "finish_reason": "length",
+    choices = [{"index": p * body.n + i, "text": state.redacted(state.tokenizer.decode(ids)), "finish_reason": "length",
                 "logprobs": None if scores is None else completion_logprobs(state, scores[p])}
                for p, ids in enumerate(prompts) for i in range(body.n)]
     return {**response_head("cmpl", "text_completion", state.config.model_name), "choices": choices,
