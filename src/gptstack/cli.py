@@ -410,6 +410,37 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     add_key_file_flag(p)
 
 
+def add_prepare_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tokenizer", default="gpt2", help="'gpt2' (default) or a path to a tokenizer.json")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--shard-tokens", type=int, default=100_000_000)
+    p.add_argument("--encoding", default="utf-8")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    p.add_argument("--workers", type=int, help="tokenizing processes (default: all cores); the output does not depend on it")
+    p.add_argument("--scrub-pii", action="store_true", help="replace personal and secret data (e-mail, phone, card, "
+                   "IBAN, SSN, IP, keys, names) before tokenizing; counts per file go to pii_report.json")
+    p.add_argument("--pii-replacement", choices=["tag", "pseudonym"], default="tag",
+                   help="tag: <EMAIL>; pseudonym: <EMAIL_3f9a0c1e>, the same for the same value within the run")
+    p.add_argument("--pii-types", default="all", help="'all' or a comma-separated choice of SECRET, EMAIL, IBAN, "
+                   "CARD, SSN, IP, PHONE, NAME")
+    p.add_argument("--quiet", action="store_true")
+
+
+def add_export_flags(p: argparse.ArgumentParser) -> None:
+    from .interop.gguf import DEFAULT_WEIGHT_TYPE, WEIGHT_TYPES   # (imports the gguf package only when used)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--format", choices=["hf", "gguf"], default="hf",
+                   help="hf: a Hugging Face GPT-2 directory; gguf: one file for llama.cpp, Ollama, LM Studio")
+    p.add_argument("--out", required=True, help="a directory (hf) or a .gguf file (gguf)")
+    p.add_argument("--gguf-type", choices=WEIGHT_TYPES, default=DEFAULT_WEIGHT_TYPE,
+                   help=f"gguf: type of the weight matrices (norms, biases, positions stay f32); "
+                        f"default {DEFAULT_WEIGHT_TYPE}")
+    add_key_file_flag(p)
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """Every command; the flags built from dataclasses import their modules (optuna, fastapi ...), so
     with ``only`` just that command gets them."""
@@ -439,23 +470,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     add_command("plan", "memory per device, layouts that fit and days of training of a preset on a cluster",
                 add_plan_flags)
 
-    p = sub.add_parser("prepare", help="tokenize text files / folders / JSONL into train and val shards")
-    p.add_argument("inputs", nargs="+")
-    p.add_argument("--out", required=True)
-    p.add_argument("--tokenizer", default="gpt2", help="'gpt2' (default) or a path to a tokenizer.json")
-    p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--shard-tokens", type=int, default=100_000_000)
-    p.add_argument("--encoding", default="utf-8")
-    p.add_argument("--text-field", default="text", help="JSONL field holding the text")
-    p.add_argument("--workers", type=int, help="tokenizing processes (default: all cores); the output does not depend on it")
-    p.add_argument("--scrub-pii", action="store_true", help="replace personal and secret data (e-mail, phone, card, "
-                   "IBAN, SSN, IP, keys, names) before tokenizing; counts per file go to pii_report.json")
-    p.add_argument("--pii-replacement", choices=["tag", "pseudonym"], default="tag",
-                   help="tag: <EMAIL>; pseudonym: <EMAIL_3f9a0c1e>, the same for the same value within the run")
-    p.add_argument("--pii-types", default="all", help="'all' or a comma-separated choice of SECRET, EMAIL, IBAN, "
-                   "CARD, SSN, IP, PHONE, NAME")
-    p.add_argument("--quiet", action="store_true")
+    add_prepare_flags(sub.add_parser("prepare", help="tokenize text files / folders / JSONL into train and val shards"))
 
     p = sub.add_parser("train", help="pretrain a GPT; any config key can be overridden as --key value")
     p.add_argument("--config", help="a YAML or JSON config file (NVIDIA-style GPT-3 keys accepted)")
@@ -472,16 +487,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     add_command("generate", "sample text from a checkpoint, streamed; past its context by a context shift",
                 add_generate_flags)
 
-    from .interop.gguf import DEFAULT_WEIGHT_TYPE, WEIGHT_TYPES   # (imports the gguf package only when used)
-    p = sub.add_parser("export", help="write a checkpoint in another format")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--format", choices=["hf", "gguf"], default="hf",
-                   help="hf: a Hugging Face GPT-2 directory; gguf: one file for llama.cpp, Ollama, LM Studio")
-    p.add_argument("--out", required=True, help="a directory (hf) or a .gguf file (gguf)")
-    p.add_argument("--gguf-type", choices=WEIGHT_TYPES, default=DEFAULT_WEIGHT_TYPE,
-                   help=f"gguf: type of the weight matrices (norms, biases, positions stay f32); "
-                        f"default {DEFAULT_WEIGHT_TYPE}")
-    add_key_file_flag(p)
+    add_command("export", "write a checkpoint in another format", add_export_flags)
 
     p = sub.add_parser("import", help="read a Hugging Face GPT-2 directory or a GPT-2 .gguf file into a "
                                       "gptstack checkpoint")
