@@ -26,6 +26,13 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install --quiet --no-build-isolation --no-deps -e .
 	touch $@
 
+# The classical baselines of the task recipes; seqeval ships only as a source that needs setuptools-scm
+# to build, and the project is (re)built without isolation, as above.
+$(VENV)/.installed-baselines: $(VENV)/.installed
+	$(BIN)/pip install --quiet setuptools-scm
+	$(BIN)/pip install --quiet --no-build-isolation -e '.[baselines]'
+	touch $@
+
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
@@ -38,22 +45,20 @@ demo: install
 
 ## sst2: the fine-tuning recipe: pretrain the demo model (if not done), fine-tune SST-2, evaluate on a
 ## held-out test split beside a TF-IDF + logistic-regression baseline on the same split
-sst2: install
+sst2: install $(VENV)/.installed-baselines
 	test -f runs/demo/result.json || $(BIN)/gptstack train --config configs/demo.yaml   # resumes a stopped demo run
 	$(BIN)/gptstack finetune --config configs/sst2.yaml
 	$(BIN)/gptstack eval --checkpoint runs/sst2/best --data runs/sst2/splits/test.jsonl --report runs/sst2/report.html
-	$(BIN)/pip install --quiet --no-build-isolation -e '.[baselines]'    # scikit-learn for the baseline
 	$(BIN)/python bench/sst2_baseline.py --run runs/sst2
 
 ## ner: pretrain the demo model (if not done), fine-tune a WNUT 2017 tagger, evaluate it on dev beside a CRF
 WNUT := src/gptstack/assets/wnut17
-ner: install
+ner: install $(VENV)/.installed-baselines
 	test -f runs/demo/result.json || $(BIN)/gptstack train --config configs/demo.yaml
 	$(BIN)/gptstack finetune --task token_classification --init_from runs/demo/best --out_dir runs/ner \
 	    --data $(WNUT)/train.conll --eval_data $(WNUT)/dev.conll --word_features 131072 --token_crf true \
 	    --max_steps 600 --learning_rate 1e-3 --best_metric f1_micro
 	$(BIN)/gptstack eval --checkpoint runs/ner/best --data $(WNUT)/dev.conll --report runs/ner/report.html
-	$(BIN)/pip install --quiet --no-build-isolation -e '.[baselines]'    # sklearn-crfsuite for the baseline
 	$(BIN)/python bench/ner_baseline.py --checkpoint runs/ner/best
 
 ## dialogue: the multi-turn recipe: pretrain the demo model (if not done), fine-tune it on the bookshop

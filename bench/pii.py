@@ -6,7 +6,8 @@ ordinary numbers wrongly removed, and throughput over the whole corpus.
     python bench/pii.py --per-type 1000
 
 Values come from Faker in several locales (structured types) and from format-following random
-strings (keys, which Faker does not make). Names do NOT come from Faker: the person names of the
+strings (keys, which Faker does not make); addresses are Faker's street addresses, one locale in
+turn, with their per-locale recall. Names do NOT come from Faker: the person names of the
 shipped WNUT 2017 data (tweets) and a hand-picked list from many cultures are used, half with a cue
 ("Dear", "Mr.") before them and half bare, so the figure is not a detector scoring its own lists.
 """
@@ -93,8 +94,8 @@ def seeded(fake: Faker, rng: random.Random) -> Faker:
     return fake
 
 
-def values(kind: str, n: int, rng: random.Random) -> list[tuple[str, str]]:
-    """n (text, the part of it that must go) pairs of a type."""
+def values(kind: str, n: int, rng: random.Random) -> list[tuple[str, str, str]]:
+    """n (label, text, the part of it that must go) of a type; an address's label names its locale."""
     fakers = [seeded(Faker(locale), rng) for locale in LOCALES]
     out = []
     for i in range(n):
@@ -115,20 +116,23 @@ def values(kind: str, n: int, rng: random.Random) -> list[tuple[str, str]]:
             value = rng.choice([fake.ipv4, fake.ipv4_private, fake.ipv6])()
         elif kind == "SECRET":
             value = random_secret(rng)
+        elif kind == "ADDRESS":     # a British flat is written on a line of its own: here after a comma
+            value = fake.street_address().replace("\n", ", ").strip()
+        label = f"ADDRESS_{LOCALES[i % len(LOCALES)]}" if kind == "ADDRESS" else kind
         if kind == "SECRET" and value.startswith("password="):
-            out.append((value, value[len("password="):]))
+            out.append((label, value, value[len("password="):]))
         else:
-            out.append((value, value))
+            out.append((label, value, value))
     return out
 
 
 def labelled_lines(per_type: int, seed: int) -> tuple[list[str], list[tuple[int, int, int, str]], dict]:
     """Corpus lines with values put in: the lines, the labelled spans (line, start, end, type; a
-    NAME type is NAME_CUED or NAME_BARE) and the decoys' spans."""
+    NAME type is NAME_CUED or NAME_BARE, an ADDRESS one ADDRESS_<locale>) and the decoys' spans."""
     rng = random.Random(seed)
     corpus = [line for line in CORPUS.read_text(encoding="utf-8").splitlines() if line.strip()]
-    items = [(kind, text, secret, rng.choice(VALUE_CONTEXTS)) for kind in TYPES if kind != "NAME"
-             for text, secret in values(kind, per_type, rng)]
+    items = [(label, text, secret, rng.choice(VALUE_CONTEXTS)) for kind in TYPES if kind != "NAME"
+             for label, text, secret in values(kind, per_type, rng)]
     held_out = wnut_person_names() + HAND_PICKED_NAMES
     for i in range(per_type):
         name, cued = rng.choice(held_out), i % 2 == 0
@@ -198,9 +202,9 @@ def main() -> None:
         found, total = sum(result["found"][k] for k in rows), sum(result["total"][k] for k in rows)
         precision = result["true"][kind] / result["all"][kind] if result["all"][kind] else float("nan")
         print(f"| {kind} | {total} | {found / total:.2%} | {precision:.2%} ({result['all'][kind]} findings) |")
-        if kind == "NAME":
+        if kind in ("NAME", "ADDRESS"):
             for k in sorted(rows):
-                print(f"| &nbsp; {k.lower().replace('_', ', ')} | {result['total'][k]} | "
+                print(f"| &nbsp; {k.lower().replace('_', ', ', 1)} | {result['total'][k]} | "
                       f"{result['found'][k] / result['total'][k]:.2%} | |")
     decoys = result["total"]["DECOY"]
     print(f"\nordinary numbers wrongly removed: {result['wrong_decoys']} of {decoys} "

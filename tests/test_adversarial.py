@@ -16,7 +16,7 @@ from gptstack.adapt.finetune import FinetuneConfig, finetune
 from gptstack.checkpoint import load_classifier
 from gptstack.config import ConfigError, build_train_config
 from gptstack.data.records import read_records
-from gptstack.evaluate.attack import Attack, attack_summary, character_edits, synonym_table, synonyms
+from gptstack.evaluate.attack import Attack, attack_summary, character_edits, perturb, synonym_table, synonyms
 from gptstack.evaluate.tasks import EvalConfig, evaluate
 from gptstack.heads import classification_ids, pad_right
 from gptstack.train.metrics import read_metrics
@@ -83,11 +83,40 @@ def test_adversarial_training_adds_the_perturbed_loss_and_still_learns(tiny_chec
     ({"adversarial": "fgm", "adversarial_epsilon": 0.0}, "adversarial_epsilon must be > 0"),
     ({"adversarial": "pgd", "adversarial_steps": 0}, "adversarial_steps must be >= 1"),
     ({"adversarial": "fgm", "task": "sft"}, "adversarial training is for task classification"),
+    ({"augment": "noise"}, "augment must be one of"),
+    ({"augment": "deepwordbug", "task": "sft"}, "augment is for task classification"),
+    ({"augment": "both", "augment_copies": 0}, "augment_copies must be >= 1"),
+    ({"augment": "both", "augment_share": 0.0}, r"augment_share must be in \(0, 1\]"),
 ])
 def test_adversarial_config_errors(tmp_path, extra, message):
     with pytest.raises(ConfigError, match=message):
         build_train_config(overrides={"init_from": "x", "data": "y.tsv", "out_dir": str(tmp_path), **extra},
                            cls=FinetuneConfig)
+
+
+def test_perturb_changes_the_share_of_words_with_the_attacks_moves():
+    text = "the film was good , the cast was great and the story was fine too ; I liked it a lot"
+    words = text.split()
+    for seed in range(20):
+        edited = perturb(text, "deepwordbug", 0.1, random.Random(seed)).split()
+        changed = [(a, b) for a, b in zip(words, edited) if a != b]
+        assert len(edited) == len(words) and len(changed) == math.ceil(0.1 * len(words))
+        assert all(b in character_edits(a, random.Random(0), 10_000) for a, b in changed)
+        assert all(a != "," and a != ";" for a, _ in changed)       # only words with letters move
+    swapped = [perturb("good", "synonym", 0.1, random.Random(seed)) for seed in range(20)]
+    assert set(swapped) <= set(synonyms("good")) and len(set(swapped)) > 1
+
+
+def test_augmented_training_walks_the_copies(tiny_checkpoint, tmp_path):
+    """An epoch covers the texts and their edited copies: (1 + copies) times the steps of a plain epoch."""
+    data = write_sentiment(tmp_path / "s.tsv", 200)
+
+    def steps(out: str, **extra) -> int:
+        overrides = tiny_finetune_overrides(tiny_checkpoint, data, tmp_path / out, max_steps=0, max_epochs=1,
+                                            eval_interval=1000, **extra)
+        return finetune(build_train_config(overrides=overrides, cls=FinetuneConfig)).steps
+    plain = steps("plain")
+    assert steps("augmented", augment="deepwordbug", augment_copies=2) == 3 * plain
 
 
 def test_edits_and_synonyms():

@@ -31,11 +31,16 @@ FOUND = {
                "AIza" + "Sy" * 17 + "X", "sk-proj-" + "Ab3" * 10, "sk_live_" + "4eC39HqLyjWDarjtT1zdp7dc",
                "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U",
                "-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA3Tz2mr7SZiAMfQyuvBjM\n-----END RSA PRIVATE KEY-----"],
+    "ADDRESS": ["221B Baker Street", "1600 Pennsylvania Avenue", "Flat 3, 12 Kings Road", "742 Evergreen Terrace Apt. 2",
+                "12 Elm St.", "8, rue de la Paix", "Via Roma, 12", "Calle Mayor 5 Piso 2", "Rua Augusta, 274",
+                "ul. Marszałkowska 84/92", "Hauptstraße 5", "Hans-Müller-Straße 12a", "Jansenstraat 7", "神南1丁目2番3号"],
     "NAME": ["Ngozi Okonkwo", "Jürgen Müller", "Mary-Jane O'Brien"],
 }
 CONTEXT = {"NAME": "Dear {}, the ship sails at noon.", "SECRET": "deploy with {} tonight"}
 ORDINARY = ("In 1599 the Globe opened; tickets cost $12.99 or 3,500 pounds at 10:30 on 2021-03-04 and 12.03.2021. "
-            "Python 3.10.2 needs 4 GB; see Chapter 12, page 214, verses 1914-1918, 45% of 7 days, v2.4.1.")
+            "Python 3.10.2 needs 4 GB; see Chapter 12, page 214, verses 1914-1918, 45% of 7 days, v2.4.1. "
+            "In Act 2 Scene 1 of Henry V the 3 Green Apples and 2 Big Ideas take route 66 for 5 Long Days. "
+            "During 1990 and in Spring 2021 the Offering 3 stood at 67%.")
 
 
 @pytest.mark.parametrize("kind,value", [(kind, value) for kind, values in FOUND.items() for value in values])

@@ -425,7 +425,7 @@ def add_prepare_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pii-replacement", choices=["tag", "pseudonym"], default="tag",
                    help="tag: <EMAIL>; pseudonym: <EMAIL_3f9a0c1e>, the same for the same value within the run")
     p.add_argument("--pii-types", default="all", help="'all' or a comma-separated choice of SECRET, EMAIL, IBAN, "
-                   "CARD, SSN, IP, PHONE, NAME")
+                   "CARD, SSN, IP, PHONE, ADDRESS, NAME")
     p.add_argument("--quiet", action="store_true")
 
 

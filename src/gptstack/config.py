@@ -133,7 +133,7 @@ DEFAULT_STEPS = 1000   # a run's length when neither max_steps, max_epochs nor m
 
 # What scrubbing of personal and secret data (data/pii.py) can be asked for: settings, read here,
 # below the code that does it, since the configs of training and fine-tuning check them too.
-PII_TYPES = ("SECRET", "EMAIL", "IBAN", "CARD", "SSN", "IP", "PHONE", "NAME")    # most specific first
+PII_TYPES = ("SECRET", "EMAIL", "IBAN", "CARD", "SSN", "IP", "PHONE", "ADDRESS", "NAME")    # most specific first
 PII_REPLACEMENTS = ("tag", "pseudonym")
 
 

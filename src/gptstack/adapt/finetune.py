@@ -10,12 +10,12 @@
 * ``sft``: language modelling on prompt/response pairs or chats, with the loss only on response
   tokens, over packed fixed-length windows; validation reports loss and perplexity.
 
-Full fine-tuning, LoRA adapters, frozen layers and (classification) adversarial training on the
-token embeddings (adversarial.py) are all choices of the config. Batches are a pure
-function of (seed, step): every rank draws the same rows and works on its own share, in
-micro-batches of ``batch_size``. ``last/`` (adapters unmerged) resumes a killed run exactly
-(``resume: true``); ``best/`` (by ``best_metric``) is an ordinary checkpoint that ``generate``,
-``eval`` and ``serve`` load; with ``lora_merge`` its adapters are folded into the weights.
+Full fine-tuning, LoRA adapters, frozen layers and, for classification, adversarial training on the
+token embeddings (adversarial.py) or on copies of the texts with the attack's edits are all choices
+of the config. Batches are a pure function of (seed, step): every rank draws the same rows and works
+on its own share, in micro-batches of ``batch_size``. ``last/`` (adapters unmerged) resumes a killed
+run exactly (``resume: true``); ``best/`` (by ``best_metric``) is an ordinary checkpoint that
+``generate``, ``eval`` and ``serve`` load; with ``lora_merge`` its adapters are folded into the weights.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import functools
 import json
 import logging
 import math
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,7 @@ from ..data.pii import Scrubber, run_key
 from ..data.prepare import PII_REPORT, DataError, pii_report
 from ..data.records import (
     IGNORE_INDEX,
+    LabelledTexts,
     encode_sft,
     label_order,
     labelled_texts,
@@ -50,6 +52,7 @@ from ..data.records import (
     split_records,
     write_jsonl,
 )
+from ..evaluate.attack import ATTACKS, perturb
 from ..evaluate.metrics import classification_metrics, entity_metrics
 from ..heads import (POOLINGS, TOKEN_CONTEXTS, SequenceClassifier, TokenClassifier, classification_ids, pad_right,
                      tagging_windows)
@@ -104,6 +107,10 @@ class FinetuneConfig(TrainConfig):
     adversarial_epsilon: float = 0.05    # adversarial: L2 bound of that move, per sequence (all its tokens' embeddings together)
     adversarial_steps: int = 3           # adversarial pgd: gradient steps (fgm takes one)
     adversarial_weight: float = 1.0      # adversarial: the loss is clean + weight * perturbed
+    augment: str = "none"                # classification: "none" | "deepwordbug" | "synonym" | "both": also train on
+                                         # copies of each text with the attack's edits (evaluate/attack.py) at random words
+    augment_copies: int = 2              # augment: edited copies per training text (an epoch walks them all)
+    augment_share: float = 0.1           # augment: share of a copy's words changed (at least one)
 
     lora_rank: int = 0                   # 0 = no LoRA: train the weights themselves
     lora_alpha: float = 16.0
@@ -167,6 +174,11 @@ class FinetuneConfig(TrainConfig):
         require(self.adversarial_epsilon > 0, f"adversarial_epsilon must be > 0, got {self.adversarial_epsilon}")
         require(self.adversarial_steps >= 1, f"adversarial_steps must be >= 1, got {self.adversarial_steps}")
         require(self.adversarial_weight >= 0, f"adversarial_weight must be >= 0, got {self.adversarial_weight}")
+        require(self.augment in ATTACKS, f"augment must be one of {ATTACKS}, got {self.augment!r}")
+        require(self.augment == "none" or self.task == "classification",
+                f"augment is for task classification, got task {self.task!r}")
+        require(self.augment_copies >= 1, f"augment_copies must be >= 1, got {self.augment_copies}")
+        require(0 < self.augment_share <= 1, f"augment_share must be in (0, 1], got {self.augment_share}")
         if self.lora_rank:
             try:
                 self.lora_config().validate()
@@ -332,6 +344,11 @@ class ClassificationTask(FinetuneTask):
     def encode(self, train_records, val_records, tokenizer, gpt, classifier):
         source, cfg = self.cfg.data, self.cfg
         train = labelled_texts(train_records, source, cfg.text_field, cfg.label_field)
+        if cfg.augment != "none":    # seeded: a resumed run trains on the very same copies
+            rng = random.Random(cfg.seed)
+            train = LabelledTexts(train.texts + [perturb(text, cfg.augment, cfg.augment_share, rng)
+                                                 for _ in range(cfg.augment_copies) for text in train.texts],
+                                  train.labels * (1 + cfg.augment_copies))
         val = labelled_texts(val_records, source, cfg.text_field, cfg.label_field) if val_records else None
         self.labels = classifier.labels if classifier else label_order(train.labels)
         unknown = sorted(set(val.labels if val else []) - set(self.labels))

@@ -19,12 +19,15 @@ ordinary numbers (years, prices, times, versions, dates) survive:
 - SECRET: cloud and service keys by their documented prefixes (AWS, GitHub, Slack, Google,
   OpenAI, Stripe), JSON Web Tokens, PEM private-key blocks, and the value after a word such as
   ``password=`` or ``api_key:`` when it has a digit in it or 16 characters.
+- ADDRESS: a house number beside a street's name that holds a word for a street, in the English,
+  French, Italian, Spanish, Portuguese, Polish, German and Dutch word orders, or Japanese block
+  numbers; a flat or suite beside it is taken too.
 - NAME: words after a cue (Mr., Dr., Frau, "my name is", "Dear" ...), and a given name from the
   1990 US Census lists (assets/pii/, public domain) followed by a capitalised word. Names with
   no cue whose first name is not on those lists are missed: see docs/security.md.
 
 Overlapping findings keep the more specific type (SECRET > EMAIL > IBAN > CARD > SSN > IP >
-PHONE > NAME), then the longer span.
+PHONE > ADDRESS > NAME), then the longer span.
 """
 
 from __future__ import annotations
@@ -272,9 +275,75 @@ def names(text: str) -> Iterator[tuple[int, int]]:
             yield match.span()
 
 
+# Street addresses: a house number beside a street's name, which holds a word for a street. In English
+# the word ends the name (USPS Publication 28's street suffixes, British ones, and abbreviations: "12
+# Baker Street", "17066 Heather Grove Apt. 915"); in French the number comes first and the word opens
+# the name ("16, rue de Salmon"); in Italian, Spanish, Portuguese and Polish the word opens it and
+# the number follows ("Via Roma, 12", "al. Leśna 74/39"); in German and Dutch the word is glued to
+# the end of the name ("Hans-Müller-Straße 12", "Jansenstraat 7"); Japanese addresses count blocks
+# ("神南1丁目2番3号"). A flat, suite or floor before or after is part of it. A house number is
+# required, which is what keeps prose out: a street named without one is missed.
+STREET_ENDINGS = (
+    "alley|annex|arcade|avenue|bayou|beach|bend|bluff|bottom|boulevard|branch|bridge|brook|burg|"
+    "bypass|camp|canyon|cape|causeway|center|centre|circle|circus|cliff|close|club|common|corner|course|"
+    "court|cove|creek|crescent|crest|crossing|crossroad|curve|dale|dam|divide|drive|embankment|"
+    "estate|expressway|extension|fall|ferry|field|flat|ford|forest|forge|fork|fort|freeway|garden|gate|"
+    "gateway|glen|green|grove|harbor|harbour|haven|heights|highway|hill|hollow|inlet|island|isle|"
+    "junction|key|knoll|lake|land|landing|lane|light|loaf|lock|lodge|loop|mall|manor|meadow|mews|mill|"
+    "mission|motorway|mount|mountain|neck|orchard|oval|overpass|parade|park|parkway|pass|passage|path|"
+    "pike|pine|place|plain|plaza|point|port|prairie|promenade|quay|radial|ramp|ranch|rapid|rest|ridge|rise|"
+    "river|road|route|row|rue|run|shoal|shore|skyway|spring|spur|square|station|strand|stravenue|stream|"
+    "street|summit|terrace|throughway|trace|track|trafficway|trail|trailer|tunnel|turnpike|"
+    "underpass|union|vale|valley|via|viaduct|view|village|ville|vista|walk|wall|way|well|wharf|wynd|yard")
+STREET_ABBREVIATIONS = "ave|blvd|cir|cres|ct|dr|hwy|ln|pkwy|pl|rd|sq|st|ter|trl"
+STREET_OPENINGS = (
+    # French (also in small letters, as written after a number), Italian, Spanish, Catalan, Portuguese
+    "[Rr]ue|[Aa]venue|[Bb]oulevard|[Bb]d|[Cc]hemin|[Aa]llée|[Ii]mpasse|[Pp]lace|[Qq]uai|[Rr]oute|[Cc]ours|"
+    "Via|Viale|Vicolo|Vico|Piazza|Piazzale|Corso|Largo|Strada|Contrada|Borgo|Rotonda|Stretto|Canale|Incrocio|"
+    "Calle|C\\.|Avenida|Avda\\.|Av\\.|Paseo|Plaza|Camino|Ronda|Rambla|Cañada|Callejón|Alameda|Pasaje|Pasadizo|"
+    "Acceso|Urbanización|"
+    "Vial|Carretera|Glorieta|Travesía|Cuesta|Carrer|Passeig|Rua|Travessa|Praça|Rodovia|Estrada|Ladeira|Vila|"
+    "Viela|Quadra|Conjunto|Setor|Trecho|Núcleo|Vereda|Esplanada|Passarela|Parque|Residencial|Lagoa|Lago|"
+    "Sítio|Chácara|Fazenda|Loteamento|Condomínio|Jardim|Recanto|Morro|Vale|Campo|Feira|Pátio|Distrito|"
+    "Colônia|Área|Aeroporto|Estação|Favela|Viaduto|"
+    # Polish, whole and abbreviated
+    "[Uu]lica|[Uu]l\\.|[Aa]leja|[Aa]l\\.|[Pp]lac|[Pp]l\\.|[Oo]siedle|[Oo]s\\.")
+# "ring" and "pad" only after three letters, the last a consonant: "Kaiserring 5", "Kerkpad 2", but not
+# "During 1990", "Spring 2021", "Offering 3", "Notepad 2"
+STREET_GLUED = ("stra(?:ß|ss)e|str\\.|gasse|weg|allee|platz|damm|ufer|chaussee|steig|pfad|markt|"
+                "straat|laan|baan|plein|gracht|singel|dreef|steeg|kade|boulevard|hof|park|dijk|"
+                "(?<=\\w\\w[b-df-hj-np-tv-zß])(?:ring|pad)")
+# the same, after a hyphen: Hans-Müller-Straße
+STREET_HYPHENED = "Stra(?:ß|ss)e|Str\\.|Gasse|Weg|Allee|Platz|Ring|Damm|Ufer|Chaussee|Steig|Pfad|Markt"
+HOUSE_NUMBER = r"\d{1,5}(?: ?[A-Za-z](?!\w))?(?:[/-]\d{1,5}[A-Za-z]?)?"
+UNIT = (r"(?:Apt\.?|Apartment|Suite|Ste\.?|Unit|Flat|Studio|Floor|Room|Appartamento|Piano|Interno|Scala|"
+        r"Puerta|Piso|Planta|Apto\.?|Apartamento|Bloco|Sala|Casa|Lote|Wohnung|m\.|lok\.) ?#?\d{1,5}[A-Za-z]?")
+STREET_PARTICLE = (r"(?:de|da|do|dos|das|del|della|dei|degli|di|du|des|la|le|les|l'|d'|y|e|i|von|van|der|den|het|"
+                   r"ter|ten)")
+CJK = r"[\u3040-\u30ff\u3400-\u9fff々]"
+STREET_WORD = rf"(?:{WORD}|{CJK}{{1,8}}|{UPPER}\.|[IVX]{{1,4}}\b|\d{{1,3}}(?:st|nd|rd|th))"   # Jana Pawła II, 5th
+STREET_NAME = rf"(?:{STREET_PARTICLE} )*{STREET_WORD}(?: (?:{STREET_PARTICLE} )*{STREET_WORD}){{0,3}}"
+ADDRESS = re.compile("(?:" + "|".join([
+    rf"(?<![\w.,/-])(?:{UNIT},? )?(?:{HOUSE_NUMBER},? )?(?:{STREET_WORD} ){{1,3}}"
+    rf"(?i:(?:{STREET_ENDINGS})s?\b|(?:{STREET_ABBREVIATIONS})\b\.?)",
+    rf"(?<![\w.,/-]){HOUSE_NUMBER},? (?:{STREET_OPENINGS}) {STREET_NAME}",
+    rf"(?<![\w.])(?:{STREET_OPENINGS}) {STREET_NAME},? {HOUSE_NUMBER}",
+    rf"(?<![\w'’-])(?:(?:{UPPER}[\w'’]*-){{1,3}}(?:{STREET_HYPHENED})"
+    rf"|(?:{UPPER}[\w'’]*-){{0,3}}{UPPER}[\w'’]*?(?:{STREET_GLUED})) {HOUSE_NUMBER}",
+    rf"{CJK}{{0,16}}\d{{1,4}}丁目(?:\d{{1,4}}番地?(?:\d{{1,4}}号)?)?",
+]) + rf")(?:,? {UNIT}){{0,2}}")
+NEAR_ADDRESS = 64            # a long street name before its number, and a flat after it
+
+
+def addresses(text: str) -> Iterator[tuple[int, int]]:
+    for match in _matches(ADDRESS, text, _windows(text, DIGITS.finditer(text), NEAR_ADDRESS)):
+        if any(c.isdigit() for c in match[0]):      # the English form allows a flat without a house number
+            yield match.span()
+
+
 DETECTORS: dict[str, Callable[[str], Iterable[tuple[int, int]]]] = {
     "SECRET": secrets_in, "EMAIL": emails, "IBAN": ibans, "CARD": cards, "SSN": ssns, "IP": ip_addresses,
-    "PHONE": phones, "NAME": names}
+    "PHONE": phones, "ADDRESS": addresses, "NAME": names}
 
 
 # --- finding and replacing ----------------------------------------------------------------------

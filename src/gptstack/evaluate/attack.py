@@ -8,6 +8,8 @@ are DeepWordBug's character edits (swap two adjacent letters, substitute, delete
 and/or synonyms from the list shipped in assets/synonyms/. All candidates of a step are scored in
 one batch; the search is seeded, so an attack is repeatable. Every adversarial text is scored once
 more on its own at the end, and only that score decides whether the attack succeeded.
+``perturb`` makes the same moves at random words without the search: fine-tuning's ``augment``
+trains on them.
 
 The search is written here rather than taken from TextAttack (0.3.11): its character-level recipe
 would run offline, but the package requires transformers, datasets, flair, bert-score,
@@ -67,6 +69,28 @@ def synonyms(word: str) -> list[str]:
     return [s.capitalize() for s in found] if word[:1].isupper() else found
 
 
+def replacements(word: str, kind: str, rng: random.Random, limit: int) -> list[str]:
+    """The words the attack of ``kind`` may put in place of ``word``: its listed synonyms and/or up
+    to ``limit`` character edits."""
+    edits = character_edits(word, rng, limit) if kind in ("deepwordbug", "both") else []
+    listed = synonyms(word) if kind in ("synonym", "both") else []
+    return list(dict.fromkeys(listed + edits))
+
+
+def perturb(text: str, kind: str, share: float, rng: random.Random) -> str:
+    """``text`` with ``ceil(share * words)`` (at least one) of its words, drawn at random, each changed
+    to a random one of the attack's replacements: the attack's moves without its search, to train on."""
+    parts = re.findall(r"\S+|\s+", text)
+    targets = [i for i, part in enumerate(parts) if any(c.isalpha() for c in part)]
+    count = min(len(targets), max(1, math.ceil(share * sum(not part.isspace() for part in parts))))
+    changes = {}
+    for i in rng.sample(targets, count):
+        options = replacements(parts[i], kind, rng, limit=4)     # an edit of each kind to draw from
+        if options:
+            changes[i] = rng.choice(options)
+    return render(parts, changes)
+
+
 @dataclass
 class AttackedText:
     text: str
@@ -96,11 +120,6 @@ class Attack:
         ids = [classification_ids(self.tokenizer, text, block) for text in texts]
         return self.classifier.predict(ids, self.batch_size).float()
 
-    def replacements(self, word: str, rng: random.Random) -> list[str]:
-        edits = character_edits(word, rng, self.candidates) if self.kind in ("deepwordbug", "both") else []
-        listed = synonyms(word) if self.kind in ("synonym", "both") else []
-        return list(dict.fromkeys(listed + edits))
-
     def run(self, texts: list[str], labels: list[int], progress: bool = False) -> list[AttackedText]:
         clean = self.probabilities(texts).argmax(-1).tolist()
         rows = tqdm(list(enumerate(zip(texts, labels, clean))), desc="attacking", unit="text", disable=not progress)
@@ -128,7 +147,7 @@ class Attack:
             if len(changes) == budget:
                 break
             i = targets[k]
-            options = self.replacements(parts[i], rng)
+            options = replacements(parts[i], self.kind, rng, self.candidates)
             if not options:
                 continue
             probs = self.probabilities([render(parts, {**changes, i: option}) for option in options])
@@ -148,8 +167,8 @@ def deletion(parts: list[str], i: int) -> dict[int, str]:
     return {i: "", space: ""}
 
 
-def render(parts: list[str], replacements: dict[int, str]) -> str:
-    return "".join(replacements.get(i, part) for i, part in enumerate(parts))
+def render(parts: list[str], changes: dict[int, str]) -> str:
+    return "".join(changes.get(i, part) for i, part in enumerate(parts))
 
 
 def attack_summary(attacked: list[AttackedText]) -> dict:
