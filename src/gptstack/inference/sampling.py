@@ -94,13 +94,14 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
 
     ``generators`` is one generator per row (or one for all rows, or None for the global one).
     """
-    greedy = logits.argmax(dim=-1)
-    if bool((temperature <= 0).all()):
-        return greedy
+    greedy = temperature <= 0
+    if bool(greedy.all()):
+        return logits.argmax(dim=-1)
     filtering = bool((top_k > 0).any() or (top_p < 1).any() or (min_p is not None and (min_p > 0).any()))
     scaled = filter_logits(logits, temperature, top_k, top_p, min_p) if filtering \
         else logits.float() / temperature.clamp(min=1e-6)[:, None]
-    return torch.where(temperature <= 0, greedy, draw(scaled.softmax(dim=-1), generators))
+    drawn = draw(scaled.softmax(dim=-1), generators)
+    return torch.where(greedy, logits.argmax(dim=-1), drawn) if bool(greedy.any()) else drawn   # no argmax unasked
 
 
 def draw(probs: torch.Tensor, generators: list[torch.Generator] | torch.Generator | None) -> torch.Tensor:

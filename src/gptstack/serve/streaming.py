@@ -76,6 +76,13 @@ def sse(payload: dict | str) -> str:
 async def merged_events(handles: list[Handle], metrics: ServerMetrics) -> AsyncIterator[tuple[int, TokenEvent]]:
     """(handle index, event) from all handles in the order the events come; cancels the unfinished
     handles when the consumer stops early (the client left)."""
+    if len(handles) == 1:     # the common case: its events as they come, no queue and task per token between
+        try:
+            async for event in timed_events(handles[0], metrics):
+                yield 0, event
+        finally:
+            cancel_unfinished(handles)
+        return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index, handle):
