@@ -99,7 +99,7 @@ def values(kind: str, n: int, rng: random.Random) -> list[tuple[str, str, str]]:
     fakers = [seeded(Faker(locale), rng) for locale in LOCALES]
     out = []
     for i in range(n):
-        fake = fakers[i % len(fakers)]
+        locale, fake = LOCALES[i % len(LOCALES)], fakers[i % len(fakers)]
         if kind == "EMAIL":
             value = rng.choice([fake.email, fake.free_email, fake.company_email])()
         elif kind == "PHONE":
@@ -118,7 +118,7 @@ def values(kind: str, n: int, rng: random.Random) -> list[tuple[str, str, str]]:
             value = random_secret(rng)
         elif kind == "ADDRESS":     # a British flat is written on a line of its own: here after a comma
             value = fake.street_address().replace("\n", ", ").strip()
-        label = f"ADDRESS_{LOCALES[i % len(LOCALES)]}" if kind == "ADDRESS" else kind
+        label = f"ADDRESS_{locale}" if kind == "ADDRESS" else kind
         if kind == "SECRET" and value.startswith("password="):
             out.append((label, value, value[len("password="):]))
         else:

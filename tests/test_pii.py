@@ -31,16 +31,19 @@ FOUND = {
                "AIza" + "Sy" * 17 + "X", "sk-proj-" + "Ab3" * 10, "sk_live_" + "4eC39HqLyjWDarjtT1zdp7dc",
                "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U",
                "-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA3Tz2mr7SZiAMfQyuvBjM\n-----END RSA PRIVATE KEY-----"],
-    "ADDRESS": ["221B Baker Street", "1600 Pennsylvania Avenue", "Flat 3, 12 Kings Road", "742 Evergreen Terrace Apt. 2",
-                "12 Elm St.", "8, rue de la Paix", "Via Roma, 12", "Calle Mayor 5 Piso 2", "Rua Augusta, 274",
-                "ul. Marszałkowska 84/92", "Hauptstraße 5", "Hans-Müller-Straße 12a", "Jansenstraat 7", "神南1丁目2番3号"],
+    "ADDRESS": ["221B Baker Street", "1600 Pennsylvania Avenue", "Flat 3, 12 Kings Road",
+                "742 Evergreen Terrace Apt. 2", "12 Elm St.", "8, rue de la Paix", "Via Roma, 12", "Calle Mayor 5 Piso 2", "Rua Augusta, 274",
+                "ul. Marszałkowska 84/92", "Hauptstraße 5", "Hans-Müller-Straße 12a", "Jansenstraat 7",
+                "神南1丁目2番3号"],
     "NAME": ["Ngozi Okonkwo", "Jürgen Müller", "Mary-Jane O'Brien"],
 }
 CONTEXT = {"NAME": "Dear {}, the ship sails at noon.", "SECRET": "deploy with {} tonight"}
 ORDINARY = ("In 1599 the Globe opened; tickets cost $12.99 or 3,500 pounds at 10:30 on 2021-03-04 and 12.03.2021. "
             "Python 3.10.2 needs 4 GB; see Chapter 12, page 214, verses 1914-1918, 45% of 7 days, v2.4.1. "
             "In Act 2 Scene 1 of Henry V the 3 Green Apples and 2 Big Ideas take route 66 for 5 Long Days. "
-            "During 1990 and in Spring 2021 the Offering 3 stood at 67%.")
+            "During 1990 and in Spring 2021 the Offering 3 stood at 67%. Send 5 Items via post: 10 Best Places, "
+            "5 Easy Ways, 4 Great Lakes, 2nd place, 3rd Street fair. On 17 March St. Patrick came; on 5 May Dr. "
+            "visits stop. Chapter 12 The Way of Kings; et al. Nature 2019; Appendix C. Notes 2001; Keypad 2.")
 
 
 @pytest.mark.parametrize("kind,value", [(kind, value) for kind, values in FOUND.items() for value in values])
@@ -118,7 +121,9 @@ def test_a_stream_without_whitespace_is_still_sent_before_its_end():
 
 
 @pytest.mark.parametrize("text", ["Aa-" * 20000, "Mr. " + "Aa-" * 20000, "Dear " + "Ää-" * 20000, "@" + "O'" * 30000,
-                                  "@" + "a-" * 30000, "eyJa" * 15000, "eyJ-" * 15000, "Aa de " * 10000])
+                                  "@" + "a-" * 30000, "eyJa" * 15000, "eyJ-" * 15000, "Aa de " * 10000,
+                                  "1 Aa-" * 12000, "1 " + "Aa-" * 20000 + "straße 1", "Via de " * 8000 + "1",
+                                  "中1" * 30000, "Apt 1, " * 9000, "12 Aa Bb " * 6000])
 def test_adversarial_text_is_scrubbed_in_linear_time(text):
     """Texts that made a detector try a match from each character and read on to the end of the
     text (quadratic time: 60 000 characters took minutes): a denial of service on the server's log."""

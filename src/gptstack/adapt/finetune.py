@@ -107,10 +107,10 @@ class FinetuneConfig(TrainConfig):
     adversarial_epsilon: float = 0.05    # adversarial: L2 bound of that move, per sequence (all its tokens' embeddings together)
     adversarial_steps: int = 3           # adversarial pgd: gradient steps (fgm takes one)
     adversarial_weight: float = 1.0      # adversarial: the loss is clean + weight * perturbed
-    augment: str = "none"                # classification: "none" | "deepwordbug" | "synonym" | "both": also train on
-                                         # copies of each text with the attack's edits (evaluate/attack.py) at random words
+    augment: str = "none"                # classification: "none" | "deepwordbug" | "synonym" | "both": also train
+                                         # on copies of each text with the attack's edits at random words (attack.perturb)
     augment_copies: int = 2              # augment: edited copies per training text (an epoch walks them all)
-    augment_share: float = 0.1           # augment: share of a copy's words changed (at least one)
+    augment_share: float = 0.1           # augment: share of a copy's words changed (at least one the attack can change)
 
     lora_rank: int = 0                   # 0 = no LoRA: train the weights themselves
     lora_alpha: float = 16.0

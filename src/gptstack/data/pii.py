@@ -281,8 +281,9 @@ def names(text: str) -> Iterator[tuple[int, int]]:
 # the name ("16, rue de Salmon"); in Italian, Spanish, Portuguese and Polish the word opens it and
 # the number follows ("Via Roma, 12", "al. Leśna 74/39"); in German and Dutch the word is glued to
 # the end of the name ("Hans-Müller-Straße 12", "Jansenstraat 7"); Japanese addresses count blocks
-# ("神南1丁目2番3号"). A flat, suite or floor before or after is part of it. A house number is
-# required, which is what keeps prose out: a street named without one is missed.
+# ("神南1丁目2番3号"). A flat, suite or floor before or after is part of it. A house number (or a
+# flat's) is required, which is what keeps prose out: a street named without one is missed. So are
+# plural endings but the few that name real streets ("10 Best Places", "5 Easy Ways" are titles).
 STREET_ENDINGS = (
     "alley|annex|arcade|avenue|bayou|beach|bend|bluff|bottom|boulevard|branch|bridge|brook|burg|"
     "bypass|camp|canyon|cape|causeway|center|centre|circle|circus|cliff|close|club|common|corner|course|"
@@ -294,50 +295,54 @@ STREET_ENDINGS = (
     "pike|pine|place|plain|plaza|point|port|prairie|promenade|quay|radial|ramp|ranch|rapid|rest|ridge|rise|"
     "river|road|route|row|rue|run|shoal|shore|skyway|spring|spur|square|station|strand|stravenue|stream|"
     "street|summit|terrace|throughway|trace|track|trafficway|trail|trailer|tunnel|turnpike|"
-    "underpass|union|vale|valley|via|viaduct|view|village|ville|vista|walk|wall|way|well|wharf|wynd|yard")
+    "underpass|union|vale|valley|via|viaduct|view|village|ville|vista|walk|wall|way|well|wharf|wynd|yard|"
+    "commons|estates|falls|gardens|hills|meadows|mills|oaks|pines|springs|woods")
 STREET_ABBREVIATIONS = "ave|blvd|cir|cres|ct|dr|hwy|ln|pkwy|pl|rd|sq|st|ter|trl"
 STREET_OPENINGS = (
     # French (also in small letters, as written after a number), Italian, Spanish, Catalan, Portuguese
     "[Rr]ue|[Aa]venue|[Bb]oulevard|[Bb]d|[Cc]hemin|[Aa]llée|[Ii]mpasse|[Pp]lace|[Qq]uai|[Rr]oute|[Cc]ours|"
     "Via|Viale|Vicolo|Vico|Piazza|Piazzale|Corso|Largo|Strada|Contrada|Borgo|Rotonda|Stretto|Canale|Incrocio|"
-    "Calle|C\\.|Avenida|Avda\\.|Av\\.|Paseo|Plaza|Camino|Ronda|Rambla|Cañada|Callejón|Alameda|Pasaje|Pasadizo|"
-    "Acceso|Urbanización|"
-    "Vial|Carretera|Glorieta|Travesía|Cuesta|Carrer|Passeig|Rua|Travessa|Praça|Rodovia|Estrada|Ladeira|Vila|"
-    "Viela|Quadra|Conjunto|Setor|Trecho|Núcleo|Vereda|Esplanada|Passarela|Parque|Residencial|Lagoa|Lago|"
-    "Sítio|Chácara|Fazenda|Loteamento|Condomínio|Jardim|Recanto|Morro|Vale|Campo|Feira|Pátio|Distrito|"
-    "Colônia|Área|Aeroporto|Estação|Favela|Viaduto|"
+    "Calle|Avenida|Avda\\.|Av\\.|Paseo|Plaza|Camino|Ronda|Rambla|Cañada|Callejón|Alameda|Pasaje|Pasadizo|"
+    "Acceso|Urbanización|Vial|Carretera|Glorieta|Travesía|Cuesta|Carrer|Passeig|"
+    "Rua|Travessa|Praça|Rodovia|Estrada|Ladeira|Vila|Viela|Quadra|Conjunto|Setor|Trecho|Núcleo|Vereda|"
+    "Esplanada|Passarela|Parque|Residencial|Lagoa|Lago|Sítio|Chácara|Fazenda|Loteamento|Condomínio|Jardim|"
+    "Recanto|Morro|Vale|Campo|Feira|Pátio|Distrito|Colônia|Área|Aeroporto|Estação|Favela|Viaduto|"
     # Polish, whole and abbreviated
     "[Uu]lica|[Uu]l\\.|[Aa]leja|[Aa]l\\.|[Pp]lac|[Pp]l\\.|[Oo]siedle|[Oo]s\\.")
-# "ring" and "pad" only after three letters, the last a consonant: "Kaiserring 5", "Kerkpad 2", but not
-# "During 1990", "Spring 2021", "Offering 3", "Notepad 2"
+# not "ring" or "pad", whose English words are many ("During 1990", "Spring 2021", "Keypad 2")
 STREET_GLUED = ("stra(?:ß|ss)e|str\\.|gasse|weg|allee|platz|damm|ufer|chaussee|steig|pfad|markt|"
-                "straat|laan|baan|plein|gracht|singel|dreef|steeg|kade|boulevard|hof|park|dijk|"
-                "(?<=\\w\\w[b-df-hj-np-tv-zß])(?:ring|pad)")
-# the same, after a hyphen: Hans-Müller-Straße
+                "straat|laan|baan|plein|gracht|singel|dreef|steeg|kade|boulevard|hof|park|dijk")
+# the same after a hyphen, "Ring" too: Hans-Müller-Straße, Danielle-Dobes-Ring
 STREET_HYPHENED = "Stra(?:ß|ss)e|Str\\.|Gasse|Weg|Allee|Platz|Ring|Damm|Ufer|Chaussee|Steig|Pfad|Markt"
-HOUSE_NUMBER = r"\d{1,5}(?: ?[A-Za-z](?!\w))?(?:[/-]\d{1,5}[A-Za-z]?)?"
+HOUSE_NUMBER = r"\d{1,5}(?:[A-Za-z]| [A-Z])?(?!\w)(?:[/-]\d{1,5}[A-Za-z]?)?"    # 221B, 12 B, 74/39, 47-26
+MONTH = (r"(?:Jan(?:uary)?|Feb(?:ruary)?|Mar(?:ch)?|Apr(?:il)?|May|June?|July?|Aug(?:ust)?|Sept?(?:ember)?|"
+         r"Oct(?:ober)?|Nov(?:ember)?|Dec(?:ember)?)\b")                        # "17 March St." is a date
 UNIT = (r"(?:Apt\.?|Apartment|Suite|Ste\.?|Unit|Flat|Studio|Floor|Room|Appartamento|Piano|Interno|Scala|"
         r"Puerta|Piso|Planta|Apto\.?|Apartamento|Bloco|Sala|Casa|Lote|Wohnung|m\.|lok\.) ?#?\d{1,5}[A-Za-z]?")
 STREET_PARTICLE = (r"(?:de|da|do|dos|das|del|della|dei|degli|di|du|des|la|le|les|l'|d'|y|e|i|von|van|der|den|het|"
                    r"ter|ten)")
 CJK = r"[\u3040-\u30ff\u3400-\u9fff々]"
+KANJI_KATAKANA = r"[\u30a0-\u30ff\u3400-\u9fff々]"      # a place name; not hiragana, the grammar around it
 STREET_WORD = rf"(?:{WORD}|{CJK}{{1,8}}|{UPPER}\.|[IVX]{{1,4}}\b|\d{{1,3}}(?:st|nd|rd|th))"   # Jana Pawła II, 5th
 STREET_NAME = rf"(?:{STREET_PARTICLE} )*{STREET_WORD}(?: (?:{STREET_PARTICLE} )*{STREET_WORD}){{0,3}}"
 ADDRESS = re.compile("(?:" + "|".join([
-    rf"(?<![\w.,/-])(?:{UNIT},? )?(?:{HOUSE_NUMBER},? )?(?:{STREET_WORD} ){{1,3}}"
-    rf"(?i:(?:{STREET_ENDINGS})s?\b|(?:{STREET_ABBREVIATIONS})\b\.?)",
+    rf"(?<![\w.,/-])(?:{UNIT},? (?:{HOUSE_NUMBER},? )?|{HOUSE_NUMBER},? )(?!{MONTH})(?:{STREET_WORD} ){{1,3}}"
+    rf"(?=[A-Z])(?i:(?:{STREET_ENDINGS})\b|(?:{STREET_ABBREVIATIONS})\b\.?)",
     rf"(?<![\w.,/-]){HOUSE_NUMBER},? (?:{STREET_OPENINGS}) {STREET_NAME}",
-    rf"(?<![\w.])(?:{STREET_OPENINGS}) {STREET_NAME},? {HOUSE_NUMBER}",
+    rf"(?<![\w.])(?<!et )(?:{STREET_OPENINGS}) {STREET_NAME},? {HOUSE_NUMBER}",          # not "et al. Nature 2019"
     rf"(?<![\w'’-])(?:(?:{UPPER}[\w'’]*-){{1,3}}(?:{STREET_HYPHENED})"
     rf"|(?:{UPPER}[\w'’]*-){{0,3}}{UPPER}[\w'’]*?(?:{STREET_GLUED})) {HOUSE_NUMBER}",
-    rf"{CJK}{{0,16}}\d{{1,4}}丁目(?:\d{{1,4}}番地?(?:\d{{1,4}}号)?)?",
+    rf"{KANJI_KATAKANA}{{0,16}}\d{{1,4}}丁目(?:\d{{1,4}}番地?(?:\d{{1,4}}号)?)?",
 ]) + rf")(?:,? {UNIT}){{0,2}}")
 NEAR_ADDRESS = 64            # a long street name before its number, and a flat after it
+# a number after these words counts something else: "Chapter 12 The Way of Kings", "Act 3 Main Street scene"
+NOT_A_HOUSE_NUMBER_AFTER = re.compile(r"(?i)\b(?:chapter|act|scene|page|part|book|vol|volume|no|number|episode|"
+                                      r"season|step|level|round|figure|fig|table|section|verse|track|psalm)\.?\s*$")
 
 
 def addresses(text: str) -> Iterator[tuple[int, int]]:
     for match in _matches(ADDRESS, text, _windows(text, DIGITS.finditer(text), NEAR_ADDRESS)):
-        if any(c.isdigit() for c in match[0]):      # the English form allows a flat without a house number
+        if not NOT_A_HOUSE_NUMBER_AFTER.search(text, max(0, match.start() - 16), match.start()):
             yield match.span()
 
 

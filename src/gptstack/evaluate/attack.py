@@ -78,16 +78,18 @@ def replacements(word: str, kind: str, rng: random.Random, limit: int) -> list[s
 
 
 def perturb(text: str, kind: str, share: float, rng: random.Random) -> str:
-    """``text`` with ``ceil(share * words)`` (at least one) of its words, drawn at random, each changed
-    to a random one of the attack's replacements: the attack's moves without its search, to train on."""
+    """``text`` with ``ceil(share * words)`` (at least one) of the words the attack could change, drawn
+    at random, each changed to a random one of its replacements: the attack's moves without its search,
+    to train on. Words are counted as the attack counts them (whitespace-separated, punctuation too);
+    a text with no word the attack could change comes back as it is."""
     parts = re.findall(r"\S+|\s+", text)
-    targets = [i for i, part in enumerate(parts) if any(c.isalpha() for c in part)]
+    editable = kind in ("deepwordbug", "both")      # every word with a letter has character edits
+    targets = [i for i, part in enumerate(parts)
+               if any(c.isalpha() for c in part) and (editable or synonyms(part))]
     count = min(len(targets), max(1, math.ceil(share * sum(not part.isspace() for part in parts))))
     changes = {}
     for i in rng.sample(targets, count):
-        options = replacements(parts[i], kind, rng, limit=4)     # an edit of each kind to draw from
-        if options:
-            changes[i] = rng.choice(options)
+        changes[i] = rng.choice(replacements(parts[i], kind, rng, limit=4))     # an edit of each kind to draw from
     return render(parts, changes)
 
 

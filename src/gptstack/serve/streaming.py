@@ -78,8 +78,9 @@ async def merged_events(handles: list[Handle], metrics: ServerMetrics) -> AsyncI
     handles when the consumer stops early (the client left)."""
     if len(handles) == 1:     # the common case: its events as they come, no queue and task per token between
         try:
-            async for event in timed_events(handles[0], metrics):
-                yield 0, event
+            async with aclosing(timed_events(handles[0], metrics)) as events:
+                async for event in events:
+                    yield 0, event
         finally:
             cancel_unfinished(handles)
         return
