@@ -90,7 +90,8 @@ class CRF(nn.Module):
         for t in range(scores.shape[1] - 2, -1, -1):
             step = torch.logsumexp(transitions + (scores[:, t + 1] + betas[0])[:, None, :], dim=2)
             betas.insert(0, torch.where(mask[:, t + 1, None], step, end.expand_as(step)))
-        return torch.exp(torch.stack(alphas, 1) + torch.stack(betas, 1) - log_z[:, None, None])
+        # at most 1, which rounding in alpha and beta (sums of tens) can pass by a few 1e-6 for a sure tag
+        return torch.exp(torch.stack(alphas, 1) + torch.stack(betas, 1) - log_z[:, None, None]).clamp_(max=1.0)
 
     def viterbi(self, scores: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
         """The most likely tag sequence of each sentence, as long as the sentence."""

@@ -34,7 +34,7 @@ in docs/benchmarks.md.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -55,6 +55,16 @@ def classification_ids(tokenizer: Tokenizer, text: str, max_tokens: int) -> list
 POOLINGS = ("last", "mean")
 
 
+def real_tokens(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """[B, width] True at the real tokens of right-padded rows, row i having ``lengths[i]`` of them."""
+    return torch.arange(width, device=lengths.device)[None] < lengths[:, None]
+
+
+def mean_of_real(hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """[B, C]: each row's hidden states [B, T, C] averaged over its real (not padding) tokens."""
+    return (hidden * real_tokens(lengths, hidden.shape[1]).unsqueeze(-1)).sum(dim=1) / lengths[:, None]
+
+
 class SequenceClassifier(nn.Module):
     def __init__(self, gpt: GPT, labels: list[str], pooling: str = "last"):
         super().__init__()
@@ -73,15 +83,14 @@ class SequenceClassifier(nn.Module):
         tokens; ``with_lm_loss``: also the language-modelling loss on the same texts from the same
         forward pass (GPT-1's auxiliary objective during fine-tuning)."""
         hidden = self.gpt.hidden_states(idx)
-        real = torch.arange(idx.shape[1], device=idx.device)[None] < lengths[:, None]
         if self.pooling == "mean":
-            pooled = (hidden * real.unsqueeze(-1)).sum(dim=1) / lengths[:, None]
+            pooled = mean_of_real(hidden, lengths)
         else:
             pooled = hidden[torch.arange(idx.shape[0], device=idx.device), lengths - 1]
         logits = self.head(self.dropout(pooled))
         if not with_lm_loss:
             return logits
-        targets = idx[:, 1:].masked_fill(~real[:, 1:], -100)      # padding is not predicted
+        targets = idx[:, 1:].masked_fill(~real_tokens(lengths, idx.shape[1])[:, 1:], -100)      # padding is not predicted
         return logits, linear_cross_entropy(hidden[:, :-1], self.gpt.lm_head.weight, targets)
 
     def head_config(self) -> dict:
@@ -119,15 +128,19 @@ class TaggingWindow:
     where: list[list[int]]
     words: list[str]
     first: int
+    _features: list[list[int]] | None = field(default=None, repr=False, compare=False)
 
     def features(self) -> list[list[int]]:
         """This window's words' lexical features (hashes from :func:`~gptstack.data.conll.word_features`,
-        neighbours in other windows included). Computed when a head with word features reads the
-        window, not when it is cut: a head without them (and every /v1/ner call to one) never pays."""
-        reach = max(abs(offset) for offset, _ in NEIGHBOURHOOD)
-        start = max(self.first - reach, 0)
-        rows = word_features(self.words[start:self.first + len(self.where) + reach])
-        return rows[self.first - start:self.first - start + len(self.where)]
+        neighbours in other windows included). Computed when a head with word features first reads the
+        window, not when it is cut: a head without them (and every /v1/ner call to one) never pays;
+        then kept, so a training window is hashed once, not at every step."""
+        if self._features is None:
+            reach = max(abs(offset) for offset, _ in NEIGHBOURHOOD)
+            start = max(self.first - reach, 0)
+            rows = word_features(self.words[start:self.first + len(self.where) + reach])
+            self._features = rows[self.first - start:self.first - start + len(self.where)]
+        return self._features
 
 
 def tagging_windows(tokenizer: Tokenizer, words: list[str], context: str, block_size: int) -> list[TaggingWindow]:
@@ -292,9 +305,7 @@ def mean_pooled_embeddings(gpt: GPT, token_lists: list[list[int]], batch_size: i
     out = []
     for start in range(0, len(token_lists), batch_size):
         idx, lengths = pad_right(token_lists[start:start + batch_size], gpt.transformer.wte.weight.device)
-        hidden = gpt.hidden_states(idx).float()
-        real = (torch.arange(idx.shape[1], device=idx.device) < lengths[:, None]).unsqueeze(-1)
-        pooled = (hidden * real).sum(dim=1) / lengths[:, None]
+        pooled = mean_of_real(gpt.hidden_states(idx).float(), lengths)
         out.append(torch.nn.functional.normalize(pooled, dim=-1).cpu())
     return torch.cat(out) if out else torch.empty(0, gpt.config.n_embd)
 

@@ -55,7 +55,7 @@ from ..data.records import (
 from ..evaluate.attack import ATTACKS, perturb
 from ..evaluate.metrics import classification_metrics, entity_metrics
 from ..heads import (POOLINGS, TOKEN_CONTEXTS, SequenceClassifier, TokenClassifier, classification_ids, pad_right,
-                     tagging_windows)
+                     real_tokens, tagging_windows)
 from ..lora import LORA_TARGETS, LoRAConfig, add_lora, is_lora_key, merge_lora
 from ..model import GPT
 from ..runtime import autocast
@@ -380,8 +380,8 @@ class ClassificationTask(FinetuneTask):
         # past DDP's wrapper: the search's passes are not steps of their own, and the gradients of
         # both losses meet in each parameter before DDP reduces them
         classifier = getattr(model, "module", model)
-        real = torch.arange(idx.shape[1], device=idx.device)[None] < lengths[:, None]
-        perturbed = adversarial_loss(classifier.gpt, lambda: self.criterion(classifier(idx, lengths), labels), idx, real,
+        perturbed = adversarial_loss(classifier.gpt, lambda: self.criterion(classifier(idx, lengths), labels), idx,
+                                     real_tokens(lengths, idx.shape[1]),
                                      cfg.adversarial_epsilon, cfg.adversarial_steps if cfg.adversarial == "pgd" else 1)
         return loss + cfg.adversarial_weight * perturbed
 

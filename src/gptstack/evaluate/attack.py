@@ -128,7 +128,11 @@ class Attack:
         # a text classified wrong is left as it is (scored once)
         searched = [self.search(text, label, i) if prediction == label else (text, 0, 1)
                     for i, (text, label, prediction) in rows]
-        final = self.probabilities([adversarial for adversarial, _, _ in searched]).argmax(-1).tolist()
+        # the changed texts scored again on their own; an unchanged one keeps its clean prediction
+        changed = [i for i, (_, count, _) in enumerate(searched) if count]
+        final = list(clean)
+        for i, prediction in zip(changed, self.probabilities([searched[i][0] for i in changed]).argmax(-1).tolist()):
+            final[i] = prediction
         return [AttackedText(text, adversarial, label, before, after, len(text.split()), changed, queries)
                 for text, label, before, after, (adversarial, changed, queries) in zip(texts, labels, clean, final, searched)]
 

@@ -125,7 +125,7 @@ class Trainer:
         torch.manual_seed(cfg.seed + info.dp_rank)
 
         resume_dir = self.out / "last"
-        if info.is_main:
+        if info.is_main:   # before the resume check (every save also recovers, in replace_dir)
             recover_interrupted_save(resume_dir)
         distributed.barrier(info)
         found = cfg.resume and (resume_dir / "checksums.json").exists()
